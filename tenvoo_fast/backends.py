@@ -1,0 +1,100 @@
+"""Backend registry and dispatch: the one place that decides which code runs an adapted layer.
+
+A backend turns an adapted layer and an input into the layer's output (and, through autograd,
+its gradients). ``reference`` (opt_einsum, any device) is always present; the fast backends
+(``triton``, ``cpu``, ``cuda``) register themselves here when their issue lands and their
+kernels can run. ``auto`` picks the first available backend, in priority order, that supports
+the device and the layer; an explicitly requested backend that cannot run raises and says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, Protocol
+
+import torch
+
+from .errors import AdapterError
+
+
+class Backend(Protocol):
+    name: str
+    priority: int  # higher wins under "auto"
+
+    def unavailable_reason(self) -> str | None:
+        """None if the backend can run in this process, else why not (not installed, no GPU, ...)."""
+
+    def unsupported_reason(self, layer, x: torch.Tensor) -> str | None:
+        """None if it can run this layer on this input, else why not (device, shape, dtype)."""
+
+    def conv3d(self, layer, x: torch.Tensor) -> torch.Tensor: ...
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[str, Backend] = {}
+_state = threading.local()
+_DEFAULT = "auto"
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def registered_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def available_backends() -> list[str]:
+    """Backends that can run in this process, best first, then ``"auto"``."""
+    ok = [b for b in _REGISTRY.values() if b.unavailable_reason() is None]
+    return [b.name for b in sorted(ok, key=lambda b: -b.priority)] + ["auto"]
+
+
+def _validate(name: str) -> str:
+    if name == "auto":
+        return name
+    if name not in _REGISTRY:
+        raise AdapterError(
+            f"unknown backend {name!r}; registered: {registered_backends()} (or 'auto')")
+    reason = _REGISTRY[name].unavailable_reason()
+    if reason is not None:
+        raise AdapterError(f"backend {name!r} cannot run here: {reason}; use one of "
+                           f"{available_backends()}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for this thread (``"auto"`` by default)."""
+    _state.name = _validate(name)
+
+
+def current_backend() -> str:
+    return getattr(_state, "name", _DEFAULT)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"): ...`` selects a backend for the block, then restores."""
+    previous = current_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def resolve(layer, x: torch.Tensor) -> Backend:
+    """The backend that runs ``layer`` on ``x`` now."""
+    name = current_backend()
+    if name != "auto":
+        backend = _REGISTRY[name]
+        reason = backend.unsupported_reason(layer, x)
+        if reason is not None:
+            raise AdapterError(f"{layer.adapter_name}: backend {name!r} cannot run this layer: "
+                               f"{reason}; use_backend('auto') falls back automatically")
+        return backend
+    for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        if backend.unavailable_reason() is None and backend.unsupported_reason(layer, x) is None:
+            return backend
+    raise AdapterError(f"{layer.adapter_name}: no backend can run this layer")  # pragma: no cover

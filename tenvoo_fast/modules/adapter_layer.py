@@ -1,0 +1,144 @@
+"""What every adapted layer shares: its cores, the frozen copy, ΔW and the effective weight.
+
+An adapted layer *is* the layer it replaces (a subclass of ``nn.Conv3d`` or ``nn.Linear``): it
+keeps the original weight and bias Parameter objects, so ``state_dict`` keys, attributes such as
+``in_channels`` and optimisers that already hold the bias keep working. The math comes from a
+:class:`~tenvoo_fast.networks.TensorNetwork`; the execution from the backend dispatch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import backends, reference
+from ..errors import AdapterError
+from ..networks import TensorNetwork
+
+
+class BufferList(nn.Module):
+    """Frozen tensors saved in ``state_dict`` and moved by ``.to()``, addressed by index."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(str(i), t)
+
+    def __len__(self):
+        return len(self._buffers)
+
+    def __iter__(self):
+        return iter(self._buffers[str(i)] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._buffers[str(i)]
+
+
+def init_core(core, shape, device, dtype) -> torch.Tensor:
+    t = torch.empty(shape, device=device, dtype=dtype)
+    if core.init.kind == "uniform":
+        return t.uniform_(-core.init.value, core.init.value)
+    if core.init.kind == "normal":
+        return t.normal_(0.0, core.init.value)
+    if core.init.kind == "zeros":
+        return t.zero_()
+    raise AssertionError(core.init)  # pragma: no cover
+
+
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """MONAI ``MetaTensor`` -> plain tensor (its metadata is irrelevant to a conv/linear)."""
+    as_tensor = getattr(x, "as_tensor", None)
+    return as_tensor() if as_tensor is not None and type(x) is not torch.Tensor else x
+
+
+class AdapterLayer:
+    """Mixin for adapted ``nn.Conv3d`` / ``nn.Linear`` layers; see the module docstring."""
+
+    network: TensorNetwork
+    adapter_name: str
+    frozen_cores: Optional[BufferList]
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def _build(cls, layer, network: TensorNetwork, name: str, frozen_copy: bool = False):
+        """A new adapter of class ``cls`` around ``layer`` (which it adopts, not copies)."""
+        self = cls.__new__(cls)
+        self._adopt(layer)
+        self._init_adapter(network, frozen_copy=frozen_copy, name=name)
+        return self
+
+    def _init_adapter(self, network: TensorNetwork, *, frozen_copy: bool, name: str) -> None:
+        self.network = network
+        self.adapter_name = name
+        w = self.weight
+        if not w.is_floating_point():
+            raise AdapterError(f"{name}: base weight has dtype {w.dtype}; adapters need a "
+                               "floating-point layer")
+        # Cores are master weights: fp32, or fp64 for an fp64 layer; never the bf16/fp16 of a
+        # low-precision model, whose rounding would swamp the small updates.
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        tensors = [init_core(c, c.shape, w.device, dtype) for c in network.cores]
+        self.cores = nn.ParameterList([nn.Parameter(t) for t in tensors])
+        self.frozen_cores = BufferList([t.detach().clone() for t in tensors]) if frozen_copy else None
+        self._frozen_delta = None
+        self._frozen_delta_key = None
+        w.requires_grad_(False)
+
+    # -- the math -----------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """T(θ): the trainable network in the layer weight's layout, fp32 (fp64 for fp64 cores)."""
+        return reference.delta_weight(self.network, list(self.cores))
+
+    def frozen_delta_weight(self) -> Optional[torch.Tensor]:
+        """T(θ0) in fp32 (fp64), or None when the layer keeps no frozen copy.
+
+        Cached: recomputed only when the frozen cores change (load, ``.to()``), never per step.
+        """
+        if self.frozen_cores is None:
+            return None
+        frozen = list(self.frozen_cores)
+        dtype = reference.contraction_dtype([self.weight, *self.cores])
+        key = (dtype,) + tuple((t.data_ptr(), t._version, t.device) for t in frozen)
+        if self._frozen_delta_key != key:
+            with torch.no_grad():
+                self._frozen_delta = reference.delta_weight(self.network, frozen, dtype)
+            self._frozen_delta_key = key
+        return self._frozen_delta
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W - T(θ0) + T(θ)`` in fp32 (fp64), differentiable w.r.t. the cores."""
+        return reference.effective_weight(self.weight, self.network, list(self.cores),
+                                          frozen_delta=self.frozen_delta_weight())
+
+    def num_adapter_params(self) -> int:
+        return sum(p.numel() for p in self.cores)
+
+    # -- execution ----------------------------------------------------------------------------
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the conv/linear runs in: autocast's if active, else the base weight's."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.weight.dtype
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = plain_tensor(x)
+        w = self.weight
+        if x.device != w.device:
+            raise AdapterError(f"{self.adapter_name}: input is on {x.device} but the layer is on "
+                               f"{w.device}; move one of them (e.g. model.to({x.device}))")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise AdapterError(f"{self.adapter_name}: input dtype {x.dtype} does not match the "
+                               f"layer's {w.dtype}; cast the input or the model, or run under "
+                               "torch.autocast")
+        return x
+
+    def _dispatch_forward(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        x = self._check_input(x)
+        return getattr(backends.resolve(self, x), op)(self, x)
+
+    # -- merging ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The effective weight, formed in fp32 and cast last to the base weight's dtype."""
+        return self.effective_weight().to(self.weight.dtype)

@@ -1,0 +1,87 @@
+"""The reference contraction: opt_einsum over a :class:`~tenvoo_fast.networks.TensorNetwork`.
+
+This is the published algorithm (pairwise contractions, autograd keeps the intermediates) with
+the numerics the spec requires: contraction in fp32 (fp64 when any input is fp64), autocast
+off, and the effective weight formed in that precision before the caller casts it. It runs on
+any device and defines correctness for the fast backends.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import opt_einsum
+import torch
+
+from .networks import TensorNetwork
+
+
+@lru_cache(maxsize=None)
+def contraction_expression(equation: str, shapes: tuple[tuple[int, ...], ...]):
+    """Plan once per (equation, shapes): 'dp' finds the optimal pairwise order in milliseconds."""
+    return opt_einsum.contract_expression(equation, *shapes, optimize="dp")
+
+
+def contraction_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32: never lower, whatever the model or autocast dtype."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def delta_weight(network: TensorNetwork, tensors: Sequence[torch.Tensor],
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ΔW in the layer weight's layout, in fp32 (or fp64), differentiable w.r.t. ``tensors``."""
+    dtype = dtype or contraction_dtype(tensors)
+    views = tuple(c.contraction_shape for c in network.cores)
+    expr = contraction_expression(network.equation, views)
+    with _autocast_off(tensors[0].device.type):
+        ops = [t.to(dtype).reshape(v) for t, v in zip(tensors, views)]
+        out = expr(*ops, backend="torch").reshape(network.weight_shape)
+        if network.scale != 1.0:
+            out = out * network.scale
+    return out
+
+
+def effective_weight(base: torch.Tensor, network: TensorNetwork, cores: Sequence[torch.Tensor],
+                     frozen_delta: torch.Tensor | None = None) -> torch.Tensor:
+    """``W - T(θ0) + T(θ)`` in fp32 (fp64 for fp64 inputs); the caller casts it last.
+
+    Formed as ``W + (T(θ) - T(θ0))``: the two large networks cancel first (exactly, at
+    initialisation, where both are the same contraction of the same values), so the small base
+    weight keeps all its bits and the adapted layer reproduces its base layer exactly at step 0.
+    ``frozen_delta`` is ``T(θ0)`` (None when the layer keeps no frozen copy).
+    """
+    dtype = contraction_dtype([base, *cores])
+    with _autocast_off(base.device.type):
+        delta = delta_weight(network, cores, dtype)
+        if frozen_delta is not None:
+            delta = delta - frozen_delta.to(dtype)
+        return base.to(dtype) + delta
+
+
+class ReferenceBackend:
+    """Materialise the effective weight with opt_einsum, then the framework's conv/linear."""
+    name = "reference"
+    priority = 0
+
+    def unavailable_reason(self):
+        return None
+
+    def unsupported_reason(self, layer, x):
+        return None
+
+    def conv3d(self, layer, x):
+        return layer._conv_forward(x, layer.effective_weight().to(layer.compute_dtype(x)),
+                                   _bias(layer, x))
+
+    def linear(self, layer, x):
+        return torch.nn.functional.linear(
+            x, layer.effective_weight().to(layer.compute_dtype(x)), _bias(layer, x))
+
+
+def _bias(layer, x):
+    b = layer.bias
+    return None if b is None else b.to(layer.compute_dtype(x))

@@ -1,0 +1,27 @@
+"""tenvoo_fast: tensor-network adapters (TenVOO, QuanTA) and baselines for 3D conv nets.
+
+Layers: ops (``reference``, the backends) -> modules (drop-in adapted layers) -> model API
+(``inject``, ``merge_and_unload``, ``save_adapter``/``load_adapter``). The math lives in
+``networks``; backend choice in ``backends``.
+"""
+from . import presets
+from ._version import __version__
+from .backends import available_backends, current_backend, set_backend, use_backend
+from .checkpoint import load_adapter, read_adapter_metadata, save_adapter
+from .config import AdapterConfig
+from .errors import AdapterError
+from .model import adapter_layers, count_parameters, inject, merge_and_unload
+from .modules import (AdapterLayer, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d,
+                      LoRALinear, QuanTALinear, TenVOOConv3d)
+from .reference import ReferenceBackend as _ReferenceBackend
+from .backends import register_backend as _register_backend
+
+_register_backend(_ReferenceBackend())
+
+__all__ = [
+    "__version__", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",
+    "QuanTALinear", "LoRAConv3d", "LoHaConv3d", "LoKrConv3d", "LoRALinear", "LoHaLinear",
+    "LoKrLinear", "inject", "merge_and_unload", "save_adapter", "load_adapter",
+    "read_adapter_metadata", "adapter_layers", "count_parameters", "available_backends",
+    "current_backend", "use_backend", "set_backend", "presets",
+]

@@ -1,0 +1,290 @@
+"""Adapted layers: forward and gradients against an fp64 oracle, numerics, drop-in behaviour."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from conftest import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
+from oracle import rel_err, spec_delta
+from tenvoo_fast import (AdapterError, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear,
+                         LoRAConv3d, LoRALinear, QuanTALinear, TenVOOConv3d, use_backend)
+
+CONV_MAKERS = {
+    "tenvoo-l": lambda c, r: TenVOOConv3d.from_conv(c, r, "L"),
+    "tenvoo-q": lambda c, r: TenVOOConv3d.from_conv(c, r, "Q"),
+    "lora": lambda c, r: LoRAConv3d.from_conv(c, r),
+    "lora-bypass": lambda c, r: LoRAConv3d.from_conv(c, r, mode="bypass"),
+    "loha": lambda c, r: LoHaConv3d.from_conv(c, r),
+    "lokr": lambda c, r: LoKrConv3d.from_conv(c, r),
+}
+LINEAR_MAKERS = {
+    "quanta": lambda l, r: QuanTALinear.from_linear(l, r),
+    "lora": lambda l, r: LoRALinear.from_linear(l, r),
+    "loha": lambda l, r: LoHaLinear.from_linear(l, r),
+    "lokr": lambda l, r: LoKrLinear.from_linear(l, r),
+}
+
+
+def realistic_conv(cin, cout, k=3, dtype=torch.float32):
+    """Pre-trained-like magnitudes (std ~0.005-0.05), where the frozen copy dominates W."""
+    conv = nn.Conv3d(cin, cout, k, padding=1, dtype=dtype)
+    with torch.no_grad():
+        conv.weight.normal_(0, 0.02)
+        conv.bias.normal_(0, 0.02)
+    return conv
+
+
+def train_a_little(layer, scale=0.05):
+    """Move the cores away from θ0 as training would, so T(θ) - T(θ0) is non-zero."""
+    with torch.no_grad():
+        for p in layer.cores:
+            p.add_(torch.randn_like(p) * scale * (p.abs().mean() + 0.1))
+    return layer
+
+
+def oracle_forward_and_grads(layer, x, gy, kind):
+    """fp64 output, input grad and core grads, from the spec oracle and torch's conv/linear."""
+    cores = [p.detach().double().requires_grad_() for p in layer.cores]
+    x64 = x.detach().double().requires_grad_()
+    w = layer.weight.detach().double() + spec_delta(layer, cores)
+    if layer.frozen_cores is not None:
+        w = w - spec_delta(layer, list(layer.frozen_cores))
+    b = None if layer.bias is None else layer.bias.detach().double()
+    if kind == "conv":
+        y = F.conv3d(x64, w, b, layer.stride, layer.padding, layer.dilation)
+    else:
+        y = F.linear(x64, w, b)
+    y.backward(gy.double())
+    return y, x64.grad, [c.grad for c in cores]
+
+
+def run_layer(layer, x, gy):
+    x = x.detach().clone().requires_grad_()
+    for p in layer.cores:
+        p.grad = None
+    y = layer(x)
+    y.backward(gy.to(y.dtype))
+    return y, x.grad, [p.grad for p in layer.cores]
+
+
+def check_against_oracle(layer, x, kind, tol):
+    y_shape = layer(x).shape
+    gy = torch.randn(y_shape, dtype=torch.float64)
+    y, gx, gc = run_layer(layer, x, gy)
+    y0, gx0, gc0 = oracle_forward_and_grads(layer, x, gy, kind)
+    assert rel_err(y, y0) < tol, "output"
+    assert rel_err(gx, gx0) < tol, "input gradient"
+    for i, (g, g0) in enumerate(zip(gc, gc0)):
+        assert g is not None, f"core {i} got no gradient"
+        assert rel_err(g, g0) < tol, f"core {i} gradient"
+
+
+# fp32 tolerance: the reference contracts and convolves in fp32 (errors ~1e-7..1e-6 relative).
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("cin,cout", DDPM_CONV_SHAPES)
+@pytest.mark.parametrize("method", ["tenvoo-l", "tenvoo-q"])
+def test_tenvoo_forward_and_grads_ddpm_shapes(cin, cout, method, seeded):
+    layer = train_a_little(CONV_MAKERS[method](realistic_conv(cin, cout), 4))
+    x = torch.randn(1, cin, 3, 3, 2)
+    check_against_oracle(layer, x, "conv", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("method", list(CONV_MAKERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_conv_methods_forward_and_grads_all_dtypes(method, dtype, seeded):
+    layer = train_a_little(CONV_MAKERS[method](realistic_conv(12, 10, (3, 1, 3), dtype), 3))
+    x = torch.randn(2, 12, 4, 3, 5, dtype=dtype)
+    check_against_oracle(layer, x, "conv", TOL[dtype])
+
+
+@pytest.mark.parametrize("fin,fout", DDPM_LINEAR_SHAPES)
+@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+def test_linear_forward_and_grads_ddpm_shapes(fin, fout, method, seeded):
+    lin = nn.Linear(fin, fout)
+    layer = train_a_little(LINEAR_MAKERS[method](lin, 4))
+    check_against_oracle(layer, torch.randn(3, fin), "linear", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_linear_dtypes(method, dtype, seeded):
+    layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(24, 12, dtype=dtype), 3))
+    check_against_oracle(layer, torch.randn(2, 5, 24, dtype=dtype), "linear", TOL[dtype])
+
+
+def test_strided_dilated_padded_conv(seeded):
+    conv = nn.Conv3d(8, 16, 3, stride=(2, 1, 2), padding=(2, 1, 0), dilation=(2, 1, 1))
+    layer = train_a_little(TenVOOConv3d.from_conv(conv, 3, "Q"))
+    check_against_oracle(layer, torch.randn(1, 8, 7, 6, 5), "conv", TOL[torch.float32])
+
+
+def test_padding_mode_is_respected(seeded):
+    conv = nn.Conv3d(4, 4, 3, padding=1, padding_mode="replicate")
+    layer = TenVOOConv3d.from_conv(conv, 2, "L")
+    x = torch.randn(1, 4, 4, 4, 4)
+    assert torch.equal(layer(x), conv(x))
+
+
+@pytest.mark.parametrize("method", list(CONV_MAKERS))
+def test_conv_identical_to_base_at_init(method, seeded):
+    conv = realistic_conv(32, 64)
+    layer = CONV_MAKERS[method](conv, 4)
+    x = torch.randn(1, 32, 5, 4, 3)
+    assert torch.equal(layer(x), conv(x))
+
+
+@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+def test_linear_identical_to_base_at_init(method, seeded):
+    lin = nn.Linear(128, 32)
+    layer = LINEAR_MAKERS[method](lin, 4)
+    x = torch.randn(4, 128)
+    assert torch.equal(layer(x), lin(x))
+
+
+@pytest.mark.parametrize("method", list(CONV_MAKERS))
+def test_gradcheck_conv_fp64(method, seeded):
+    conv = nn.Conv3d(4, 6, 3, padding=1, dtype=torch.float64)
+    layer = train_a_little(CONV_MAKERS[method](conv, 2), 0.3)
+    names = [f"cores.{i}" for i in range(len(layer.cores))]
+    x = torch.randn(1, 4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    cores = [p.detach().clone().requires_grad_() for p in layer.cores]
+
+    def f(x, *cs):
+        return functional_call(layer, dict(zip(names, cs)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *cores), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+def test_gradcheck_linear_fp64(method, seeded):
+    layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(8, 6, dtype=torch.float64), 2), 0.3)
+    names = [f"cores.{i}" for i in range(len(layer.cores))]
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    cores = [p.detach().clone().requires_grad_() for p in layer.cores]
+
+    def f(x, *cs):
+        return functional_call(layer, dict(zip(names, cs)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *cores), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["L", "Q"])
+def test_bf16_autocast_keeps_contraction_and_fold_in_fp32(variant, seeded):
+    """Under bf16 autocast, ΔW and W - T(θ0) + T(θ) are fp32-accurate, the conv runs in bf16."""
+    conv = realistic_conv(64, 32)
+    layer = train_a_little(TenVOOConv3d.from_conv(conv, 4, variant))
+    exact = conv.weight.double() - spec_delta(layer, list(layer.frozen_cores)) + spec_delta(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = layer.delta_weight()
+        w = layer.effective_weight()
+        y = layer(torch.randn(1, 64, 4, 4, 4))
+    assert d.dtype == torch.float32 and w.dtype == torch.float32
+    assert rel_err(d, spec_delta(layer)) < 1e-5
+    # The effective weight is a small difference of two large tensors (|T| ~ 1, |W| ~ 0.02):
+    # fp32 keeps it to ~1e-5 of W; a bf16 contraction or fold would be off by ~1e-1.
+    assert rel_err(w, exact) < 1e-4
+    naive_bf16 = (conv.weight.bfloat16() - spec_delta(layer, list(layer.frozen_cores)).bfloat16()
+                  + spec_delta(layer).bfloat16())
+    assert rel_err(naive_bf16, exact) > 100 * rel_err(w, exact)
+    assert y.dtype == torch.bfloat16
+
+
+def test_bf16_model_forms_weight_in_fp32(seeded):
+    """A bf16 model: cores stay fp32 masters; the cast to bf16 happens once, at the end."""
+    conv = realistic_conv(32, 32, dtype=torch.bfloat16)
+    layer = train_a_little(TenVOOConv3d.from_conv(conv, 4, "L"))
+    assert all(p.dtype == torch.float32 for p in layer.cores)
+    exact = conv.weight.double() - spec_delta(layer, list(layer.frozen_cores)) + spec_delta(layer)
+    assert rel_err(layer.effective_weight(), exact) < 1e-4
+    assert rel_err(layer.merged_weight(), exact) < 1e-2  # one bf16 rounding
+
+
+def test_monai_metatensor_input(seeded):
+    from monai.data import MetaTensor
+    conv = realistic_conv(8, 8)
+    layer = train_a_little(TenVOOConv3d.from_conv(conv, 2, "Q"))
+    x = torch.randn(1, 8, 4, 4, 4)
+    y_meta = layer(MetaTensor(x, meta={"filename_or_obj": "a.nii"}))
+    assert torch.equal(torch.as_tensor(y_meta), layer(x))
+    lin = QuanTALinear.from_linear(nn.Linear(16, 16), 2)
+    v = torch.randn(2, 16)
+    assert torch.equal(torch.as_tensor(lin(MetaTensor(v))), lin(v))
+
+
+def test_lora_bypass_equals_merged(seeded):
+    conv = realistic_conv(16, 24)
+    merged = train_a_little(LoRAConv3d.from_conv(conv, 4, alpha=2.0), 0.5)
+    bypass = LoRAConv3d.from_conv(nn.Conv3d(16, 24, 3, padding=1), 4, alpha=2.0, mode="bypass")
+    bypass.load_state_dict(merged.state_dict())
+    x = torch.randn(1, 16, 5, 5, 5)
+    assert rel_err(bypass(x), merged(x)) < 1e-5
+
+
+def test_drop_in_attributes_and_state_dict_keys(seeded):
+    conv = realistic_conv(32, 64)
+    layer = TenVOOConv3d.from_conv(conv, 4, "L")
+    assert isinstance(layer, nn.Conv3d)
+    assert layer.weight is conv.weight and layer.bias is conv.bias
+    assert not layer.weight.requires_grad
+    assert (layer.in_channels, layer.out_channels, layer.kernel_size) == (32, 64, (3, 3, 3))
+    keys = set(layer.state_dict())
+    assert {"weight", "bias", "cores.0", "cores.9", "frozen_cores.0", "frozen_cores.9"} <= keys
+
+
+def test_frozen_cache_follows_loaded_frozen_cores(seeded):
+    layer = TenVOOConv3d.from_conv(realistic_conv(8, 8), 2, "L")
+    x = torch.randn(1, 8, 3, 3, 3)
+    layer(x)
+    with torch.no_grad():
+        layer.frozen_cores[0].mul_(0.5)  # as load_adapter's copy_ would
+    exact = (layer.weight.double() - spec_delta(layer, list(layer.frozen_cores))
+             + spec_delta(layer))
+    assert rel_err(layer.effective_weight(), exact) < 1e-5
+
+
+def test_input_dtype_and_device_mismatch_are_clear(seeded):
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(4, 4, 3), 2, "L", name="down.0.conv1")
+    with pytest.raises(AdapterError, match=r"down\.0\.conv1.*dtype.*float64.*float32"):
+        layer(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64))
+    with pytest.raises(AdapterError, match=r"down\.0\.conv1.*meta.*cpu"):
+        layer(torch.empty(1, 4, 3, 3, 3, device="meta"))
+
+
+def test_grouped_conv_and_wrong_types_refused():
+    with pytest.raises(AdapterError, match="groups=2"):
+        TenVOOConv3d.from_conv(nn.Conv3d(4, 4, 3, groups=2), 2, name="g")
+    with pytest.raises(AdapterError, match="nn.Conv3d.*Conv2d"):
+        TenVOOConv3d.from_conv(nn.Conv2d(4, 4, 3), 2)
+    with pytest.raises(AdapterError, match="nn.Linear.*Conv3d"):
+        QuanTALinear.from_linear(nn.Conv3d(4, 4, 3), 2)
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(4, 4, 3), 2)
+    with pytest.raises(AdapterError, match="already adapted"):
+        TenVOOConv3d.from_conv(layer, 2)
+
+
+def test_factorisation_mismatch_names_layer():
+    with pytest.raises(AdapterError, match=r"blk\.conv.*input.*\[2, 2, 2\].*8.*12"):
+        TenVOOConv3d.from_conv(nn.Conv3d(12, 8, 3), 2, factors=((2, 2, 2), (2, 2, 2)),
+                               name="blk.conv")
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5, 7])
+def test_odd_ranks_work(rank, seeded):
+    layer = train_a_little(TenVOOConv3d.from_conv(realistic_conv(16, 8), rank, "L"))
+    check_against_oracle(layer, torch.randn(1, 16, 3, 3, 3), "conv", TOL[torch.float32])
+
+
+def test_backend_selection():
+    import tenvoo_fast
+    assert "reference" in tenvoo_fast.available_backends()
+    with use_backend("reference"):
+        assert tenvoo_fast.current_backend() == "reference"
+    assert tenvoo_fast.current_backend() == "auto"
+    with pytest.raises(AdapterError, match="unknown backend 'nope'"):
+        tenvoo_fast.set_backend("nope")
+    with pytest.raises(AdapterError, match="unknown backend 'triton'"):
+        with use_backend("triton"):
+            pass

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command (README): installs what is needed, then runs the whole suite on the CPU.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k quanta`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/install
+exec "${PYTHON:-python3}" -m pytest tests -q -p no:cacheprovider "$@"

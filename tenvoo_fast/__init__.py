@@ -14,9 +14,11 @@ from .model import adapter_layers, count_parameters, inject, merge_and_unload
 from .modules import (AdapterLayer, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d,
                       LoRALinear, QuanTALinear, TenVOOConv3d)
 from .reference import ReferenceBackend as _ReferenceBackend
+from .recompute import RecomputeBackend as _RecomputeBackend
 from .backends import register_backend as _register_backend
 
 _register_backend(_ReferenceBackend())
+_register_backend(_RecomputeBackend())
 
 __all__ = [
     "__version__", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",

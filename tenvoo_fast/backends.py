@@ -27,6 +27,9 @@ class Backend(Protocol):
     def unsupported_reason(self, layer, x: torch.Tensor) -> str | None:
         """None if it can run this layer on this input, else why not (device, shape, dtype)."""
 
+    def delta_weight(self, network, tensors) -> torch.Tensor:
+        """ΔW of ``network`` from stored-shape ``tensors``, fp32 (fp64), no autograd needed."""
+
     def conv3d(self, layer, x: torch.Tensor) -> torch.Tensor: ...
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor: ...
@@ -39,6 +42,10 @@ _DEFAULT = "auto"
 
 def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    return _REGISTRY[name]
 
 
 def registered_backends() -> list[str]:

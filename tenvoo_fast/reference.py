@@ -73,6 +73,9 @@ class ReferenceBackend:
     def unsupported_reason(self, layer, x):
         return None
 
+    def delta_weight(self, network, tensors):
+        return delta_weight(network, tensors)
+
     def conv3d(self, layer, x):
         return layer._conv_forward(x, layer.effective_weight().to(layer.compute_dtype(x)),
                                    _bias(layer, x))

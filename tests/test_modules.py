@@ -50,22 +50,25 @@ def oracle_forward_and_grads(layer, x, gy, kind):
     w = layer.weight.detach().double() + spec_delta(layer, cores)
     if layer.frozen_cores is not None:
         w = w - spec_delta(layer, list(layer.frozen_cores))
-    b = None if layer.bias is None else layer.bias.detach().double()
+    b = None if layer.bias is None else layer.bias.detach().double().requires_grad_()
     if kind == "conv":
         y = F.conv3d(x64, w, b, layer.stride, layer.padding, layer.dilation)
     else:
         y = F.linear(x64, w, b)
     y.backward(gy.double())
-    return y, x64.grad, [c.grad for c in cores]
+    return y, x64.grad, [c.grad for c in cores] + ([] if b is None else [b.grad])
 
 
 def run_layer(layer, x, gy):
+    """Output, input gradient, and the gradients of the cores and the (trainable) bias."""
     x = x.detach().clone().requires_grad_()
-    for p in layer.cores:
+    params = list(layer.cores) + ([] if layer.bias is None else [layer.bias])
+    for p in params:
+        p.requires_grad_(True)
         p.grad = None
     y = layer(x)
     y.backward(gy.to(y.dtype))
-    return y, x.grad, [p.grad for p in layer.cores]
+    return y, x.grad, [p.grad for p in params]
 
 
 def check_against_oracle(layer, x, kind, tol):
@@ -76,8 +79,15 @@ def check_against_oracle(layer, x, kind, tol):
     assert rel_err(y, y0) < tol, "output"
     assert rel_err(gx, gx0) < tol, "input gradient"
     for i, (g, g0) in enumerate(zip(gc, gc0)):
-        assert g is not None, f"core {i} got no gradient"
-        assert rel_err(g, g0) < tol, f"core {i} gradient"
+        assert g is not None, f"parameter {i} got no gradient"
+        assert rel_err(g, g0) < tol, f"parameter {i} gradient"
+
+
+@pytest.fixture(params=["reference", "recompute"])
+def backend(request):
+    """Every execution backend must match the same oracle."""
+    with use_backend(request.param):
+        yield request.param
 
 
 # fp32 tolerance: the reference contracts and convolves in fp32 (errors ~1e-7..1e-6 relative).
@@ -86,7 +96,7 @@ TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.fl
 
 @pytest.mark.parametrize("cin,cout", DDPM_CONV_SHAPES)
 @pytest.mark.parametrize("method", ["tenvoo-l", "tenvoo-q"])
-def test_tenvoo_forward_and_grads_ddpm_shapes(cin, cout, method, seeded):
+def test_tenvoo_forward_and_grads_ddpm_shapes(cin, cout, method, seeded, backend):
     layer = train_a_little(CONV_MAKERS[method](realistic_conv(cin, cout), 4))
     x = torch.randn(1, cin, 3, 3, 2)
     check_against_oracle(layer, x, "conv", TOL[torch.float32])
@@ -94,7 +104,7 @@ def test_tenvoo_forward_and_grads_ddpm_shapes(cin, cout, method, seeded):
 
 @pytest.mark.parametrize("method", list(CONV_MAKERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_conv_methods_forward_and_grads_all_dtypes(method, dtype, seeded):
+def test_conv_methods_forward_and_grads_all_dtypes(method, dtype, seeded, backend):
     layer = train_a_little(CONV_MAKERS[method](realistic_conv(12, 10, (3, 1, 3), dtype), 3))
     x = torch.randn(2, 12, 4, 3, 5, dtype=dtype)
     check_against_oracle(layer, x, "conv", TOL[dtype])
@@ -102,7 +112,7 @@ def test_conv_methods_forward_and_grads_all_dtypes(method, dtype, seeded):
 
 @pytest.mark.parametrize("fin,fout", DDPM_LINEAR_SHAPES)
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
-def test_linear_forward_and_grads_ddpm_shapes(fin, fout, method, seeded):
+def test_linear_forward_and_grads_ddpm_shapes(fin, fout, method, seeded, backend):
     lin = nn.Linear(fin, fout)
     layer = train_a_little(LINEAR_MAKERS[method](lin, 4))
     check_against_oracle(layer, torch.randn(3, fin), "linear", TOL[torch.float32])
@@ -110,18 +120,18 @@ def test_linear_forward_and_grads_ddpm_shapes(fin, fout, method, seeded):
 
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_linear_dtypes(method, dtype, seeded):
+def test_linear_dtypes(method, dtype, seeded, backend):
     layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(24, 12, dtype=dtype), 3))
     check_against_oracle(layer, torch.randn(2, 5, 24, dtype=dtype), "linear", TOL[dtype])
 
 
-def test_strided_dilated_padded_conv(seeded):
+def test_strided_dilated_padded_conv(seeded, backend):
     conv = nn.Conv3d(8, 16, 3, stride=(2, 1, 2), padding=(2, 1, 0), dilation=(2, 1, 1))
     layer = train_a_little(TenVOOConv3d.from_conv(conv, 3, "Q"))
     check_against_oracle(layer, torch.randn(1, 8, 7, 6, 5), "conv", TOL[torch.float32])
 
 
-def test_padding_mode_is_respected(seeded):
+def test_padding_mode_is_respected(seeded, backend):
     conv = nn.Conv3d(4, 4, 3, padding=1, padding_mode="replicate")
     layer = TenVOOConv3d.from_conv(conv, 2, "L")
     x = torch.randn(1, 4, 4, 4, 4)
@@ -129,7 +139,7 @@ def test_padding_mode_is_respected(seeded):
 
 
 @pytest.mark.parametrize("method", list(CONV_MAKERS))
-def test_conv_identical_to_base_at_init(method, seeded):
+def test_conv_identical_to_base_at_init(method, seeded, backend):
     conv = realistic_conv(32, 64)
     layer = CONV_MAKERS[method](conv, 4)
     x = torch.randn(1, 32, 5, 4, 3)
@@ -137,7 +147,7 @@ def test_conv_identical_to_base_at_init(method, seeded):
 
 
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
-def test_linear_identical_to_base_at_init(method, seeded):
+def test_linear_identical_to_base_at_init(method, seeded, backend):
     lin = nn.Linear(128, 32)
     layer = LINEAR_MAKERS[method](lin, 4)
     x = torch.randn(4, 128)
@@ -145,7 +155,7 @@ def test_linear_identical_to_base_at_init(method, seeded):
 
 
 @pytest.mark.parametrize("method", list(CONV_MAKERS))
-def test_gradcheck_conv_fp64(method, seeded):
+def test_gradcheck_conv_fp64(method, seeded, backend):
     conv = nn.Conv3d(4, 6, 3, padding=1, dtype=torch.float64)
     layer = train_a_little(CONV_MAKERS[method](conv, 2), 0.3)
     names = [f"cores.{i}" for i in range(len(layer.cores))]
@@ -159,7 +169,7 @@ def test_gradcheck_conv_fp64(method, seeded):
 
 
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
-def test_gradcheck_linear_fp64(method, seeded):
+def test_gradcheck_linear_fp64(method, seeded, backend):
     layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(8, 6, dtype=torch.float64), 2), 0.3)
     names = [f"cores.{i}" for i in range(len(layer.cores))]
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
@@ -172,7 +182,7 @@ def test_gradcheck_linear_fp64(method, seeded):
 
 
 @pytest.mark.parametrize("variant", ["L", "Q"])
-def test_bf16_autocast_keeps_contraction_and_fold_in_fp32(variant, seeded):
+def test_bf16_autocast_keeps_contraction_and_fold_in_fp32(variant, seeded, backend):
     """Under bf16 autocast, ΔW and W - T(θ0) + T(θ) are fp32-accurate, the conv runs in bf16."""
     conv = realistic_conv(64, 32)
     layer = train_a_little(TenVOOConv3d.from_conv(conv, 4, variant))
@@ -202,7 +212,7 @@ def test_bf16_model_forms_weight_in_fp32(seeded):
     assert rel_err(layer.merged_weight(), exact) < 1e-2  # one bf16 rounding
 
 
-def test_monai_metatensor_input(seeded):
+def test_monai_metatensor_input(seeded, backend):
     from monai.data import MetaTensor
     conv = realistic_conv(8, 8)
     layer = train_a_little(TenVOOConv3d.from_conv(conv, 2, "Q"))
@@ -272,7 +282,7 @@ def test_factorisation_mismatch_names_layer():
 
 
 @pytest.mark.parametrize("rank", [1, 3, 5, 7])
-def test_odd_ranks_work(rank, seeded):
+def test_odd_ranks_work(rank, seeded, backend):
     layer = train_a_little(TenVOOConv3d.from_conv(realistic_conv(16, 8), rank, "L"))
     check_against_oracle(layer, torch.randn(1, 16, 3, 3, 3), "conv", TOL[torch.float32])
 

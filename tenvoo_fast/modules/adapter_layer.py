@@ -90,19 +90,26 @@ class AdapterLayer:
         """T(θ): the trainable network in the layer weight's layout, fp32 (fp64 for fp64 cores)."""
         return reference.delta_weight(self.network, list(self.cores))
 
-    def frozen_delta_weight(self) -> Optional[torch.Tensor]:
+    def frozen_delta_weight(self, backend=None) -> Optional[torch.Tensor]:
         """T(θ0) in fp32 (fp64), or None when the layer keeps no frozen copy.
 
-        Cached: recomputed only when the frozen cores change (load, ``.to()``), never per step.
+        Built by the same kernel as the backend's T(θ) (default: the reference), so that the
+        two cancel exactly at initialisation. Cached: recomputed only when the frozen cores
+        change (load, ``.to()``) or another backend asks, never per step.
         """
         if self.frozen_cores is None:
             return None
+        backend = backend or backends.get_backend("reference")
         frozen = list(self.frozen_cores)
         dtype = reference.contraction_dtype([self.weight, *self.cores])
-        key = (dtype,) + tuple((t.data_ptr(), t._version, t.device) for t in frozen)
+        if torch.compiler.is_compiling():
+            # Built in the graph (a cache keyed on data pointers cannot be traced); always right.
+            return backend.delta_weight(self.network, [t.to(dtype) for t in frozen])
+        key = (backend.name, dtype) + tuple((t.data_ptr(), t._version, t.device) for t in frozen)
         if self._frozen_delta_key != key:
             with torch.no_grad():
-                self._frozen_delta = reference.delta_weight(self.network, frozen, dtype)
+                self._frozen_delta = backend.delta_weight(
+                    self.network, [t.to(dtype) for t in frozen])
             self._frozen_delta_key = key
         return self._frozen_delta
 

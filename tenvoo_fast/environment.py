@@ -1,0 +1,101 @@
+"""Environment contraction: every core's gradient from dL/dΔW, without autograd.
+
+A pairwise contraction tree (opt_einsum's optimal path) is run forward, keeping its partial
+products for the duration of the call only, then swept in reverse: at each node ``C = A·B``
+the gradients ``dA = dC·B`` and ``dB = A·dC`` reuse the partial products, so every core's
+environment costs one reverse pass instead of one full contraction per core. Letters that a
+step sums away inside one operand come back as broadcasts in its gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import opt_einsum
+import torch
+
+
+@dataclass(frozen=True)
+class Step:
+    left: int      # node ids: 0..n-1 are the cores, n.. the intermediate results
+    right: int
+    left_idx: str
+    right_idx: str
+    out_idx: str
+
+
+@lru_cache(maxsize=None)
+def sweep_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[Step, ...]:
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")
+    live = list(range(len(terms)))          # node ids of the current operand list
+    idx = {i: t for i, t in enumerate(terms)}
+    steps, next_id = [], len(terms)
+    for k, pair in enumerate(path):
+        if len(pair) != 2:
+            raise NotImplementedError(f"environment sweep needs a pairwise path, got {pair}")
+        a, b = (live[p] for p in pair)
+        for p in sorted(pair, reverse=True):
+            live.pop(p)
+        rest = set(out).union(*(idx[n] for n in live))
+        if k == len(path) - 1:
+            res = out
+        else:
+            res = "".join(sorted(set(idx[a] + idx[b]) & rest))
+        steps.append(Step(a, b, idx[a], idx[b], res))
+        idx[next_id] = res
+        live.append(next_id)
+        next_id += 1
+    return tuple(steps)
+
+
+def _grad_operand(g_out: torch.Tensor, out_idx: str, other: torch.Tensor, other_idx: str,
+                  target_idx: str, target_shape) -> torch.Tensor:
+    """d(out)/d(target) contracted with g_out; letters summed inside target are broadcast back."""
+    kept = "".join(l for l in target_idx if l in out_idx or l in other_idx)
+    g = torch.einsum(f"{out_idx},{other_idx}->{kept}", g_out, other)
+    if kept != target_idx:
+        shape = [target_shape[target_idx.index(l)] if l in kept else 1 for l in target_idx]
+        order = [kept.index(l) for l in target_idx if l in kept]
+        g = g.permute(order).reshape(shape).expand(target_shape)
+    return g
+
+
+def forward_tree(equation: str, cores: Sequence[torch.Tensor]):
+    """Contract along the planned tree; returns (steps, nodes), nodes[-1 step] being the result."""
+    steps = sweep_plan(equation, tuple(tuple(c.shape) for c in cores))
+    nodes = {i: c for i, c in enumerate(cores)}
+    n = len(cores)
+    for k, s in enumerate(steps):
+        nodes[n + k] = torch.einsum(f"{s.left_idx},{s.right_idx}->{s.out_idx}",
+                                    nodes[s.left], nodes[s.right])
+    return steps, nodes
+
+
+def reverse_tree(steps, nodes: dict, n_cores: int, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Reverse sweep of :func:`forward_tree`: gradients of <grad_out, result> for every core.
+
+    Consumes ``nodes``: each partial product is freed as soon as its sweep is done.
+    """
+    n = n_cores
+    last = n + len(steps) - 1
+    grads = {last: grad_out.reshape(nodes[last].shape)}
+    del nodes[last]
+    for k in range(len(steps) - 1, -1, -1):
+        s = steps[k]
+        g = grads.pop(n + k)
+        for target, tidx, other, oidx in ((s.left, s.left_idx, s.right, s.right_idx),
+                                          (s.right, s.right_idx, s.left, s.left_idx)):
+            gt = _grad_operand(g, s.out_idx, nodes[other], oidx, tidx, nodes[target].shape)
+            grads[target] = grads[target] + gt if target in grads else gt
+        nodes.pop(n + k, None)
+    return [grads[i] for i in range(n)]
+
+
+def core_gradients(equation: str, cores: Sequence[torch.Tensor],
+                   grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of ``<grad_out, einsum(equation, *cores)>`` w.r.t. every core."""
+    steps, nodes = forward_tree(equation, cores)
+    return reverse_tree(steps, nodes, len(cores), grad_out)

@@ -1,0 +1,180 @@
+"""The adapter ops, each defined once with ``torch.library`` (fast-path design 1).
+
+- ``tenvoo_fast::build_delta(cores, ...)``: ΔW = scale * contraction, in the weight's layout.
+- ``tenvoo_fast::weight_grad_to_cores(grad_weight, cores, ...)``: every core's gradient from
+  dL/dΔW in one environment contraction (reverse sweep over the contraction tree, partial
+  products reused), with no state kept from the forward pass.
+- ``tenvoo_fast::adapted_conv3d`` / ``adapted_linear``: ``op(x, W + (T(θ) - T(θ0)))`` whose
+  backward *recomputes*: only the input, the cores and tensors the layer already owns are saved,
+  never the effective weight or the contraction's intermediates.
+
+The kernels here are the pure-torch defaults (fp32, or fp64 for fp64 inputs, with the
+redundant axes pre-reduced by :mod:`simplify`); each op has a fake kernel, so adapted models
+trace under ``torch.compile``. Per-device kernels (Triton, CUDA, C++) register for the same ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import environment, simplify
+from .reference import contraction_dtype, contraction_expression
+
+
+def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float) -> Tensor:
+    p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
+    dtype = contraction_dtype(cores)
+    reduced = simplify.reduce_cores(p, [c.to(dtype) for c in cores])
+    out = contraction_expression(p.equation, tuple(tuple(c.shape) for c in reduced))(
+        *reduced, backend="torch").reshape(weight_shape)
+    return out * scale if scale != 1.0 else out
+
+
+# -- build_delta ---------------------------------------------------------------------------------
+@torch.library.custom_op("tenvoo_fast::build_delta", mutates_args=())
+def build_delta(cores: list[Tensor], equation: str, weight_shape: list[int],
+                scale: float) -> Tensor:
+    """ΔW = scale * einsum(equation, *cores).reshape(weight_shape), fp32 (fp64 for fp64)."""
+    with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
+        return _contract(cores, equation, weight_shape, scale)
+
+
+@build_delta.register_fake
+def _(cores, equation, weight_shape, scale):
+    return cores[0].new_empty(weight_shape, dtype=contraction_dtype(cores))
+
+
+# -- weight_grad_to_cores ------------------------------------------------------------------------
+@torch.library.custom_op("tenvoo_fast::weight_grad_to_cores", mutates_args=())
+def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str,
+                         weight_shape: list[int], scale: float) -> list[Tensor]:
+    """dL/dcore_k for every core, given dL/dΔW (environment contraction, nothing saved)."""
+    with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
+        p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
+        dtype = contraction_dtype(cores)
+        reduced = simplify.reduce_cores(p, [c.to(dtype) for c in cores])
+        g = grad_weight.to(dtype)
+        grads = environment.core_gradients(p.equation, reduced, g * scale if scale != 1.0 else g)
+        return [simplify.expand_grad(p, i, gi, tuple(c.shape)).to(c.dtype)
+                for i, (gi, c) in enumerate(zip(grads, cores))]
+
+
+@weight_grad_to_cores.register_fake
+def _(grad_weight, cores, equation, weight_shape, scale):
+    return [torch.empty_like(c) for c in cores]
+
+
+# -- adapted layers ------------------------------------------------------------------------------
+def _effective(base, frozen_delta, cores, equation, weight_shape, scale) -> Tensor:
+    """W + (T(θ) - T(θ0)) in fp32 (fp64), in place on the freshly built ΔW (no extra buffer)."""
+    w = torch.ops.tenvoo_fast.build_delta(cores, equation, weight_shape, scale)
+    if frozen_delta is not None:
+        w.sub_(frozen_delta)
+    return w.add_(base)
+
+
+@torch.library.custom_op("tenvoo_fast::adapted_conv3d", mutates_args=())
+def adapted_conv3d(x: Tensor, base: Tensor, frozen_delta: Optional[Tensor], cores: list[Tensor],
+                   bias: Optional[Tensor], equation: str, scale: float, stride: list[int],
+                   padding: list[int], dilation: list[int]) -> Tensor:
+    """conv3d(x, W + (T(θ) - T(θ0)), bias) in x's dtype; the weight formed in fp32 first."""
+    w = _effective(base, frozen_delta, cores, equation, list(base.shape), scale)
+    b = None if bias is None else bias.to(x.dtype)
+    return F.conv3d(x, w.to(x.dtype), b, stride, padding, dilation)
+
+
+@adapted_conv3d.register_fake
+def _(x, base, frozen_delta, cores, bias, equation, scale, stride, padding, dilation):
+    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+               zip(x.shape[2:], base.shape[2:], stride, padding, dilation)]
+    return x.new_empty((x.shape[0], base.shape[0], *spatial))
+
+
+@torch.library.custom_op("tenvoo_fast::adapted_linear", mutates_args=())
+def adapted_linear(x: Tensor, base: Tensor, frozen_delta: Optional[Tensor], cores: list[Tensor],
+                   bias: Optional[Tensor], equation: str, scale: float) -> Tensor:
+    """linear(x, W + (T(θ) - T(θ0)), bias) in x's dtype; the weight formed in fp32 first."""
+    w = _effective(base, frozen_delta, cores, equation, list(base.shape), scale)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@adapted_linear.register_fake
+def _(x, base, frozen_delta, cores, bias, equation, scale):
+    return x.new_empty((*x.shape[:-1], base.shape[0]))
+
+
+@torch.library.custom_op("tenvoo_fast::adapted_backward", mutates_args=())
+def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Optional[Tensor],
+                     cores: list[Tensor], bias: Optional[Tensor], need_x: bool, need_bias: bool,
+                     equation: str, scale: float, conv: list[int]) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of an adapted conv3d (``conv`` = stride + padding +
+    dilation, 9 ints) or linear (``conv`` empty); unneeded gradients come back empty.
+
+    One forward sweep of the contraction tree rebuilds T(θ) (and keeps its partial products for
+    this call only), the framework's conv/linear backward runs once on the rebuilt effective
+    weight, and the reverse sweep turns dL/dW into every core's gradient.
+    """
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        shape = list(base.shape)
+        p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
+        dtype = contraction_dtype(cores)
+        reduced = simplify.reduce_cores(p, [c.to(dtype) for c in cores])
+        steps, nodes = environment.forward_tree(p.equation, reduced)
+        w = nodes[len(reduced) + len(steps) - 1].reshape(shape)
+        w = (w * scale if scale != 1.0 else w.clone()) if need_x else None
+        if w is not None:
+            if frozen_delta is not None:
+                w.sub_(frozen_delta)
+            w = w.add_(base).to(x.dtype)
+        g = grad_out.to(x.dtype)
+        if conv:
+            stride, padding, dilation = conv[0:3], conv[3:6], conv[6:9]
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                g, x, w if w is not None else base.to(x.dtype), [shape[0]] if need_bias else None,
+                stride, padding, dilation, False, [0, 0, 0], 1, [need_x, True, need_bias])
+        else:
+            g2, x2 = g.reshape(-1, shape[0]), x.reshape(-1, shape[1])
+            gw = g2.t().matmul(x2)
+            gx = g.matmul(w) if need_x else None
+            gb = g2.sum(0) if need_bias else None
+        gw = gw.to(dtype)
+        grads = environment.reverse_tree(steps, nodes, len(reduced),
+                                         gw * scale if scale != 1.0 else gw)
+        core_grads = [simplify.expand_grad(p, i, gi, tuple(c.shape)).to(c.dtype)
+                      for i, (gi, c) in enumerate(zip(grads, cores))]
+        empty = x.new_empty(0)
+        return [gx if gx is not None else empty,
+                gb.to(bias.dtype) if gb is not None else empty] + core_grads
+
+
+@adapted_backward.register_fake
+def _(grad_out, x, base, frozen_delta, cores, bias, need_x, need_bias, equation, scale, conv):
+    return ([torch.empty_like(x) if need_x else x.new_empty(0),
+             torch.empty_like(bias) if need_bias else x.new_empty(0)]
+            + [torch.empty_like(c) for c in cores])
+
+
+def _setup_context(ctx, inputs, output):
+    x, base, frozen_delta, cores, bias, equation, scale, *conv = inputs
+    ctx.save_for_backward(x, base, frozen_delta, bias, *cores)
+    ctx.equation, ctx.scale = equation, scale
+    ctx.conv = [v for c in conv for v in c]
+    ctx.n_nontensor = 2 + len(conv)
+
+
+def _backward(ctx, grad_out):
+    x, base, frozen_delta, bias, *cores = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    need_b = bias is not None and ctx.needs_input_grad[4]
+    gx, gb, *grad_cores = torch.ops.tenvoo_fast.adapted_backward(
+        grad_out, x, base, frozen_delta, cores, bias, need_x, need_b, ctx.equation, ctx.scale,
+        ctx.conv)
+    return (gx if need_x else None, None, None, grad_cores, gb if need_b else None,
+            *[None] * ctx.n_nontensor)
+
+
+adapted_conv3d.register_autograd(_backward, setup_context=_setup_context)
+adapted_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,130 @@
+"""The fast-path ops (design 1): equal to autograd of the reference, nothing kept for backward,
+and traceable by torch.compile."""
+import pytest
+import torch
+from torch import nn
+
+from oracle import rel_err
+import tenvoo_fast
+from tenvoo_fast import (LoHaConv3d, LoKrConv3d, LoRAConv3d, QuanTALinear, TenVOOConv3d,
+                         networks, reference, use_backend)
+from tenvoo_fast.recompute import _views
+
+NETWORKS = {
+    "tenvoo-l": lambda: networks.tenvoo("L", (4, 2, 2), (2, 3, 2), (3, 1, 3), 3),
+    "tenvoo-q": lambda: networks.tenvoo("Q", (4, 2, 2), (2, 3, 2), (3, 2, 3), 3),
+    "quanta-equal": lambda: networks.quanta((4, 2, 2), (4, 2, 2), 3),
+    "quanta-rank": lambda: networks.quanta((4, 2, 2), (2, 3, 2), 3),
+    "lora": lambda: networks.lora(12, 16, (3, 3, 3), 3, 2.0),
+    "loha": lambda: networks.loha(12, 16, (3, 1, 3), 3),
+    "lokr-full": lambda: networks.lokr(12, 16, (3, 3, 3), 3, full_w2=True),
+    "lokr-rank": lambda: networks.lokr(12, 16, (3, 3, 3), 2, full_w2=False),
+}
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_build_delta_and_core_grads_equal_reference_autograd(name, seeded):
+    net = NETWORKS[name]()
+    cores = [torch.randn(c.shape, dtype=torch.float64, requires_grad=True) for c in net.cores]
+    views = _views(net, cores)
+    d_ref = reference.delta_weight(net, cores)
+    d = torch.ops.tenvoo_fast.build_delta([v.detach() for v in views], net.equation,
+                                          list(net.weight_shape), net.scale)
+    assert rel_err(d, d_ref) < 1e-12
+    g = torch.randn_like(d_ref)
+    expected = torch.autograd.grad(d_ref, cores, g)
+    got = torch.ops.tenvoo_fast.weight_grad_to_cores(g, [v.detach() for v in views],
+                                                     net.equation, list(net.weight_shape), net.scale)
+    for e, c, gc in zip(expected, cores, got):
+        assert rel_err(gc.reshape(c.shape), e) < 1e-12
+
+
+LAYERS = {
+    "tenvoo-l": lambda: TenVOOConv3d.from_conv(nn.Conv3d(64, 128, 3, padding=1), 4, "L"),
+    "tenvoo-q": lambda: TenVOOConv3d.from_conv(nn.Conv3d(64, 128, 3, padding=1), 4, "Q"),
+    "lora": lambda: LoRAConv3d.from_conv(nn.Conv3d(64, 128, 3, padding=1), 4),
+    "loha": lambda: LoHaConv3d.from_conv(nn.Conv3d(64, 128, 3, padding=1), 4),
+    "lokr": lambda: LoKrConv3d.from_conv(nn.Conv3d(64, 128, 3, padding=1), 4),
+    "quanta": lambda: QuanTALinear.from_linear(nn.Linear(128, 256), 4),
+}
+
+
+def saved_bytes_beyond_owned(layer, x):
+    """Bytes autograd keeps for backward, except the input and the layer's own tensors."""
+    owned = {x.data_ptr(), layer.weight.data_ptr()} | {p.data_ptr() for p in layer.cores}
+    if layer.bias is not None:
+        owned.add(layer.bias.data_ptr())
+    if layer.frozen_cores is not None:
+        owned |= {t.data_ptr() for t in layer.frozen_cores}
+        owned.add(layer.frozen_delta_weight(tenvoo_fast.backends.get_backend(
+            tenvoo_fast.backends.resolve(layer, x).name)).data_ptr())
+    kept = {}
+
+    def pack(t):
+        if t.data_ptr() not in owned:
+            kept[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_recompute_keeps_under_two_percent_of_the_weight(name, seeded):
+    layer = LAYERS[name]()
+    x = (torch.randn(1, 64, 6, 6, 4) if "quanta" not in name else torch.randn(8, 128))
+    x.requires_grad_()
+    weight_bytes = layer.weight.numel() * 4
+    with use_backend("recompute"):
+        assert saved_bytes_beyond_owned(layer, x) < 0.02 * weight_bytes
+    with use_backend("reference"):  # the published algorithm keeps at least a weight's worth
+        assert saved_bytes_beyond_owned(layer, x) >= weight_bytes
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TenVOOConv3d.from_conv(nn.Conv3d(8, 8, 3, padding=1), 2, "Q"),
+    lambda: TenVOOConv3d.from_conv(nn.Conv3d(8, 6, 3, padding=1, stride=2), 3, "L"),
+    lambda: QuanTALinear.from_linear(nn.Linear(8, 12), 2),
+])
+def test_torch_compile_fullgraph_matches_eager(make, seeded):
+    layer = make()
+    with torch.no_grad():
+        for p in layer.cores:
+            p.add_(0.1 * torch.randn_like(p))
+    layer.bias.requires_grad_(True)
+    x = (torch.randn(2, 8, 4, 4, 4) if isinstance(layer, nn.Conv3d) else torch.randn(3, 8))
+    x.requires_grad_()
+    params = list(layer.cores) + [layer.bias]
+
+    def run(fn):
+        for p in params:
+            p.grad = None
+        x.grad = None
+        y = fn(x)
+        y.square().sum().backward()
+        return [y.detach(), x.grad.clone()] + [p.grad.clone() for p in params]
+
+    with use_backend("recompute"):
+        eager = run(layer)
+        torch._dynamo.reset()
+        compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_auto_prefers_recompute_and_reference_stays_selectable():
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(4, 4, 3), 2)
+    x = torch.randn(1, 4, 3, 3, 3)
+    assert tenvoo_fast.backends.resolve(layer, x).name == "recompute"
+    with use_backend("reference"):
+        assert tenvoo_fast.backends.resolve(layer, x).name == "reference"
+
+
+def test_string_padding_falls_back_under_auto_and_refuses_explicitly():
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(4, 4, 3, padding="same"), 2, name="s.conv")
+    x = torch.randn(1, 4, 5, 5, 5)
+    assert tenvoo_fast.backends.resolve(layer, x).name == "reference"
+    with use_backend("recompute"):
+        with pytest.raises(tenvoo_fast.AdapterError, match=r"s\.conv.*recompute.*padding"):
+            layer(x)

@@ -58,7 +58,7 @@ def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str
         reduced = simplify.reduce_cores(p, [c.to(dtype) for c in cores])
         g = grad_weight.to(dtype)
         grads = environment.core_gradients(p.equation, reduced, g * scale if scale != 1.0 else g)
-        return [simplify.expand_grad(p, i, gi, tuple(c.shape)).to(c.dtype)
+        return [simplify.expand_grad(p, i, gi, tuple(c.shape)).to(c.dtype).contiguous()
                 for i, (gi, c) in enumerate(zip(grads, cores))]
 
 
@@ -143,10 +143,10 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
         gw = gw.to(dtype)
         grads = environment.reverse_tree(steps, nodes, len(reduced),
                                          gw * scale if scale != 1.0 else gw)
-        core_grads = [simplify.expand_grad(p, i, gi, tuple(c.shape)).to(c.dtype)
+        core_grads = [simplify.expand_grad(p, i, gi, tuple(c.shape)).to(c.dtype).contiguous()
                       for i, (gi, c) in enumerate(zip(grads, cores))]
         empty = x.new_empty(0)
-        return [gx if gx is not None else empty,
+        return [gx.contiguous() if gx is not None else empty,
                 gb.to(bias.dtype) if gb is not None else empty] + core_grads
 
 

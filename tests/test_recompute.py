@@ -128,3 +128,47 @@ def test_string_padding_falls_back_under_auto_and_refuses_explicitly():
     with use_backend("recompute"):
         with pytest.raises(tenvoo_fast.AdapterError, match=r"s\.conv.*recompute.*padding"):
             layer(x)
+
+
+def test_opcheck_every_op(seeded):
+    """torch.library.opcheck: schemas, fake kernels (shapes and strides), autograd registration."""
+    net = NETWORKS["tenvoo-q"]()
+    cores = [torch.randn(c.contraction_shape, requires_grad=True) for c in net.cores]
+    shape = list(net.weight_shape)
+    torch.library.opcheck(torch.ops.tenvoo_fast.build_delta.default,
+                          ([c.detach() for c in cores], net.equation, shape, net.scale))
+    torch.library.opcheck(torch.ops.tenvoo_fast.weight_grad_to_cores.default,
+                          (torch.randn(shape), [c.detach() for c in cores], net.equation, shape,
+                           net.scale))
+    base, frozen = torch.randn(shape) * 0.02, torch.randn(shape)
+    x = torch.randn(1, shape[1], 4, 3, 4, requires_grad=True)
+    bias = torch.randn(shape[0], requires_grad=True)
+    conv_args = (x, base, frozen, cores, bias, net.equation, net.scale, [1, 1, 1], [1, 0, 1],
+                 [1, 1, 1])
+    torch.library.opcheck(torch.ops.tenvoo_fast.adapted_conv3d.default, conv_args)
+    torch.library.opcheck(torch.ops.tenvoo_fast.adapted_backward.default,
+                          (torch.randn(1, shape[0], 4, 2, 4), x.detach(), base, frozen,
+                           [c.detach() for c in cores], bias.detach(), True, True, net.equation,
+                           net.scale, [1, 1, 1, 1, 0, 1, 1, 1, 1]))
+    qnet = NETWORKS["quanta-rank"]()
+    qcores = [torch.randn(c.contraction_shape, requires_grad=True) for c in qnet.cores]
+    qshape = list(qnet.weight_shape)
+    torch.library.opcheck(torch.ops.tenvoo_fast.adapted_linear.default,
+                          (torch.randn(2, 3, qshape[1], requires_grad=True),
+                           torch.randn(qshape) * 0.02, None, qcores, None, qnet.equation,
+                           qnet.scale))
+
+
+def test_torch_compile_inductor(seeded):
+    """Inductor checks the real kernels' output strides against the fake kernels'."""
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(4, 4, 3, padding=1), 2, "Q")
+    x = torch.randn(1, 4, 3, 3, 3, requires_grad=True)
+    with use_backend("recompute"):
+        y_ref = layer(x)
+        g_ref = torch.autograd.grad(y_ref.sum(), [x, *layer.cores])
+        torch._dynamo.reset()
+        y = torch.compile(layer, fullgraph=True)(x)
+        g = torch.autograd.grad(y.sum(), [x, *layer.cores])
+    assert rel_err(y, y_ref) < 1e-6
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) < 1e-6

@@ -1,0 +1,80 @@
+"""Fwd+bwd of one adapted layer per method, backend and shape, beside its peers, in one run.
+
+Peers: a trainable plain Conv3d (full fine-tuning), a frozen Conv3d (the floor: forward plus
+input gradient), and the reference backend (the published algorithm). Each case records
+``saved_bytes`` (what autograd keeps for backward beyond the input and the layer's own tensors)
+and the weight's size in ``extra_info``. ``python benchmarks/report.py results.json`` turns a
+``--benchmark-json`` file into a markdown table of ratios. CI runs this with
+``--benchmark-disable`` (each case once, as a test).
+"""
+import pytest
+import torch
+from torch import nn
+
+import tenvoo_fast
+from tenvoo_fast import TenVOOConv3d, use_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# CPU: the issue's goal shapes (small spatial sizes); the DDPM's real volumes need a GPU.
+SHAPES = {"512x512@8x8x6": (512, 512, (8, 8, 6)), "32x32@32x32x24": (32, 32, (32, 32, 24))}
+ADAPTERS = {"tenvoo-l-r4": ("L", 4), "tenvoo-q-r12": ("Q", 12)}
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _saved_bytes(fn, owned):
+    kept = {}
+
+    def pack(t):
+        if t.data_ptr() not in owned:
+            kept[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())
+
+
+def _run(benchmark, step, owned, weight, **info):
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["weight_bytes"] = weight.numel() * weight.element_size()
+    benchmark.extra_info["saved_bytes"] = _saved_bytes(step, owned)
+
+    def once():
+        step()
+        _sync()
+
+    benchmark.pedantic(once, rounds=5, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("peer", ["trainable-conv", "frozen-conv"])
+def test_plain_conv(benchmark, shape, peer):
+    cin, cout, vol = SHAPES[shape]
+    conv = nn.Conv3d(cin, cout, 3, padding=1, device=DEVICE)
+    conv.requires_grad_(peer == "trainable-conv")
+    x = torch.randn(1, cin, *vol, device=DEVICE, requires_grad=True)
+    owned = {x.data_ptr(), conv.weight.data_ptr(), conv.bias.data_ptr()}
+    _run(benchmark, lambda: conv(x).sum().backward(), owned, conv.weight, shape=shape,
+         method=peer, backend="torch")
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+@pytest.mark.parametrize("backend", ["reference", "recompute", "auto"])
+def test_tenvoo_conv(benchmark, shape, adapter, backend):
+    cin, cout, vol = SHAPES[shape]
+    variant, rank = ADAPTERS[adapter]
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(cin, cout, 3, padding=1, device=DEVICE), rank,
+                                   variant)
+    x = torch.randn(1, cin, *vol, device=DEVICE, requires_grad=True)
+    with use_backend(backend):
+        chosen = tenvoo_fast.backends.resolve(layer, x)
+        owned = {x.data_ptr(), layer.weight.data_ptr(), layer.bias.data_ptr(),
+                 layer.frozen_delta_weight(chosen).data_ptr()}
+        owned |= {p.data_ptr() for p in layer.cores} | {t.data_ptr() for t in layer.frozen_cores}
+        _run(benchmark, lambda: layer(x).sum().backward(), owned, layer.weight, shape=shape,
+             method=adapter, backend=backend, resolved=chosen.name)

@@ -13,6 +13,7 @@ from torch import nn
 
 import tenvoo_fast
 from tenvoo_fast import TenVOOConv3d, use_backend
+from tenvoo_fast.memory import owned_tensors, saved_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # CPU: the goal shapes (small spatial sizes); the DDPM's real volumes need a GPU.
@@ -25,23 +26,10 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _saved_bytes(fn, owned):
-    kept = {}
-
-    def pack(t):
-        if t.data_ptr() not in owned:
-            kept[t.data_ptr()] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(kept.values())
-
-
 def _run(benchmark, step, owned, weight, **info):
     benchmark.extra_info.update(info)
     benchmark.extra_info["weight_bytes"] = weight.numel() * weight.element_size()
-    benchmark.extra_info["saved_bytes"] = _saved_bytes(step, owned)
+    benchmark.extra_info["saved_bytes"] = saved_bytes(step, owned)
 
     def once():
         step()
@@ -57,7 +45,7 @@ def test_plain_conv(benchmark, shape, peer):
     conv = nn.Conv3d(cin, cout, 3, padding=1, device=DEVICE)
     conv.requires_grad_(peer == "trainable-conv")
     x = torch.randn(1, cin, *vol, device=DEVICE, requires_grad=True)
-    owned = {x.data_ptr(), conv.weight.data_ptr(), conv.bias.data_ptr()}
+    owned = [x, conv.weight, conv.bias]
     _run(benchmark, lambda: conv(x).sum().backward(), owned, conv.weight, shape=shape,
          method=peer, backend="torch")
 
@@ -73,8 +61,5 @@ def test_tenvoo_conv(benchmark, shape, adapter, backend):
     x = torch.randn(1, cin, *vol, device=DEVICE, requires_grad=True)
     with use_backend(backend):
         chosen = tenvoo_fast.backends.resolve(layer, x)
-        owned = {x.data_ptr(), layer.weight.data_ptr(), layer.bias.data_ptr(),
-                 layer.frozen_delta_weight(chosen).data_ptr()}
-        owned |= {p.data_ptr() for p in layer.cores} | {t.data_ptr() for t in layer.frozen_cores}
-        _run(benchmark, lambda: layer(x).sum().backward(), owned, layer.weight, shape=shape,
+        _run(benchmark, lambda: layer(x).sum().backward(), owned_tensors(layer, x, chosen), layer.weight, shape=shape,
              method=adapter, backend=backend, resolved=chosen.name)

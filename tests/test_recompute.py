@@ -8,6 +8,7 @@ from oracle import rel_err
 import tenvoo_fast
 from tenvoo_fast import (LoHaConv3d, LoKrConv3d, LoRAConv3d, QuanTALinear, TenVOOConv3d,
                          networks, reference, use_backend)
+from tenvoo_fast.memory import owned_tensors, saved_bytes
 from tenvoo_fast.recompute import _views
 
 NETWORKS = {
@@ -51,23 +52,8 @@ LAYERS = {
 
 def saved_bytes_beyond_owned(layer, x):
     """Bytes autograd keeps for backward, except the input and the layer's own tensors."""
-    owned = {x.data_ptr(), layer.weight.data_ptr()} | {p.data_ptr() for p in layer.cores}
-    if layer.bias is not None:
-        owned.add(layer.bias.data_ptr())
-    if layer.frozen_cores is not None:
-        owned |= {t.data_ptr() for t in layer.frozen_cores}
-        owned.add(layer.frozen_delta_weight(tenvoo_fast.backends.get_backend(
-            tenvoo_fast.backends.resolve(layer, x).name)).data_ptr())
-    kept = {}
-
-    def pack(t):
-        if t.data_ptr() not in owned:
-            kept[t.data_ptr()] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return sum(kept.values())
+    backend = tenvoo_fast.backends.resolve(layer, x)
+    return saved_bytes(lambda: layer(x), owned_tensors(layer, x, backend))
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors import safe_open
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .config import AdapterConfig
 from .errors import AdapterError
+from .io import atomic_path
 from .model import adapter_layers, get_config, inject, unwrap
 
 FORMAT = "tenvoo_fast.adapter"
@@ -64,18 +64,8 @@ def save_adapter(model, path: str | os.PathLike) -> None:
         "layers": json.dumps({n: _layer_signature(m) for n, m in layers.items()}),
         "skipped": json.dumps(getattr(unwrap(model), "tenvoo_skipped", [])),
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_adapter_metadata(path) -> tuple[AdapterConfig, dict]:

@@ -1,43 +1,21 @@
 """The ``tenvoo-fast`` command line.
 
-``tenvoo-fast demo`` fine-tunes a tiny MONAI diffusion UNet on synthetic phantoms for a few
-steps, end to end through the public API (``presets.paper_ddpm`` -> ``inject`` -> train ->
-``save_adapter``), so an install can be checked in seconds on a CPU. Each subcommand is a
-``_cmd_*`` function registered in :func:`build_parser`.
+``tenvoo-fast finetune`` is the paper's 3D DDPM fine-tuning as a training program
+(:mod:`tenvoo_fast.finetune`); ``--preset tiny`` checks an install in seconds on a CPU. Each
+subcommand is a ``_cmd_*`` function registered in :func:`build_parser`.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import statistics
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-from . import __version__, presets
-from .backends import available_backends, current_backend
-from .checkpoint import save_adapter
-from .config import METHODS
-from .errors import AdapterError
-from .model import adapter_layers, count_parameters, inject
+from . import __version__, finetune, presets
+from .errors import AdapterError, RunError
+from .unets import DEFAULT_SIZES
 
-
-def build_tiny_unet():
-    """A MONAI ``DiffusionModelUNet`` with the paper model's block structure, ~0.3M parameters.
-
-    Same layout as the paper's (3D, one channel in and out, two res blocks per level, attention
-    in the last two levels, so every ``paper_ddpm`` target exists) but narrow, so it trains on a
-    CPU in seconds. Input sides must be multiples of 8 (three downsamplings).
-    """
-    from monai.networks.nets import DiffusionModelUNet
-    return DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=2,
-                              channels=(8, 8, 16, 16), attention_levels=(False, False, True, True),
-                              norm_num_groups=8, num_head_channels=(0, 0, 16, 16))
+__all__ = ["build_parser", "main"]
 
 
 def _positive_int(text: str) -> int:
@@ -47,105 +25,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _volume_size(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     value = int(text)
-    if value < 8 or value % 8:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive multiple of 8 (the UNet downsamples three times), got {value}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, so readers never see
-    a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock step times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """Inject adapters into the tiny UNet, train a few DDPM steps, report and save the adapter."""
-    import monai
-    from monai.inferers import DiffusionInferer
-    from monai.networks.schedulers import DDPMScheduler
-    from tqdm import tqdm
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, unless there is none to show (None, a flag)."""
 
-    from .phantoms import brain_phantoms
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
-    device = torch.device(args.device)
-    config = presets.paper_ddpm(args.method, args.rank)
-    torch.manual_seed(args.seed)
-    model = inject(build_tiny_unet(), config).to(device)
-    volumes = brain_phantoms(args.steps, args.size, seed=args.seed)
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta",
-                              beta_start=0.0005, beta_end=0.0195)
-    inferer = DiffusionInferer(scheduler)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-
-    trainable, total = count_parameters(model), count_parameters(model, trainable_only=False)
-    n_layers = len(adapter_layers(model))
-    print(f"tenvoo-fast demo: {args.method}, rank {args.rank}, {args.size}^3 phantoms, "
-          f"{args.steps} steps on {device}")
-    print(f"parameters: {trainable:,} trainable of {total:,} total; "
-          f"{n_layers} adapted layers")
-    print(f"backend: {current_backend()} (available: {', '.join(available_backends())})")
-
-    losses, times = [], []
-    model.train()
-    bar = tqdm(range(args.steps), desc="training", unit="step", disable=not sys.stderr.isatty())
-    for step in bar:
-        images = volumes[step:step + 1].to(device)
-        _sync(device)
-        start = time.perf_counter()
-        noise = torch.randn_like(images)
-        timesteps = torch.randint(0, scheduler.num_train_timesteps, (1,), device=device)
-        prediction = inferer(inputs=images, diffusion_model=model, noise=noise,
-                             timesteps=timesteps)
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    bar.close()
-
-    for step, (loss, seconds) in enumerate(zip(losses, times), 1):
-        print(f"  step {step:3d}  loss {loss:.4f}  {seconds * 1000:7.1f} ms")
-    # The first step pays for lazy initialisation (allocator, kernel selection): leave it out.
-    step_time = statistics.median(times[1:]) if len(times) > 1 else None
-    print("median step time (excluding warm-up): "
-          + (f"{step_time * 1000:.1f} ms" if step_time is not None else "n/a (one step)"))
-    if not all(math.isfinite(v) for v in losses):
-        print("warning: non-finite loss; try a smaller --lr", file=sys.stderr)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, out / "adapter.safetensors")
-    _write_json_atomic(out / "metrics.json", {
-        "method": args.method, "rank": args.rank, "device": str(device), "steps": args.steps,
-        "size": args.size, "lr": args.lr, "seed": args.seed, "backend": current_backend(),
-        "losses": losses, "step_time_s": step_time, "trainable_params": trainable,
-        "total_params": total, "adapted_layers": n_layers,
-        "versions": {"torch": torch.__version__, "monai": monai.__version__,
-                     "tenvoo_fast": __version__},
-    })
-    print(f"wrote {out / 'metrics.json'} and {out / 'adapter.safetensors'}")
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    """Run :func:`tenvoo_fast.finetune.run` with the parsed options."""
+    finetune.run(args)
     return 0
 
 
@@ -157,23 +66,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = commands.add_parser(
-        "demo", help="fine-tune a tiny diffusion UNet on synthetic phantoms for a few steps",
-        description="Inject adapters into a tiny MONAI DiffusionModelUNet, train a few DDPM "
-                    "steps on synthetic brain phantoms, print a summary and save "
-                    "metrics.json and adapter.safetensors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--method", choices=METHODS, default="tenvoo-l", help="adapter method")
-    demo.add_argument("--rank", type=int, default=4, help="adapter rank")
-    demo.add_argument("--steps", type=_positive_int, default=8, help="training steps")
-    demo.add_argument("--size", type=_volume_size, default=16, help="volume side in voxels")
-    demo.add_argument("--lr", type=float, default=1e-3,
-                      help="Adam learning rate (the paper uses 5e-5; larger shows movement sooner)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for weights, phantoms and noise")
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                      help="torch device")
-    demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.set_defaults(func=_cmd_demo)
+    ft = commands.add_parser(
+        "finetune", help="the paper's 3D DDPM fine-tuning: train, report, save, resume",
+        description="Fine-tune a MONAI 3D DiffusionModelUNet with the paper's DDPM objective on "
+                    "synthetic phantoms or a folder of NIfTI files; writes DIR/metrics.json, the "
+                    "trained adapter (or parameters) and DIR/state.pt for --resume. Under "
+                    "torchrun it trains with DistributedDataParallel.",
+        formatter_class=_HelpFormatter)
+    model = ft.add_argument_group("model")
+    model.add_argument("--preset", choices=("paper", "tiny"), default="paper",
+                       help="the paper's 166.7M-parameter UNet, or a tiny one for CPUs")
+    model.add_argument("--method", choices=finetune.METHODS, default="tenvoo-l",
+                       help="adapter method; full/bias/norm inject nothing and train all "
+                            "parameters / only biases / only parameters named 'norm'")
+    model.add_argument("--rank", type=int, default=4, help="adapter rank")
+    model.add_argument("--targets", type=_comma_list, default=",".join(presets.PAPER_DDPM_TARGETS),
+                       help="comma-separated regular expressions of the layers to adapt")
+    model.add_argument("--trainable", type=_comma_list, default="bias,norm",
+                       help="what trains besides the adapter cores: comma list of bias, norm, "
+                            "all")
+    model.add_argument("--base-weights", metavar="PATH",
+                       help="torch state_dict of the UNet, loaded before injection "
+                            "(default: random weights)")
+    data = ft.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR",
+                      help="folder of NIfTI volumes (.nii, .nii.gz); default: synthetic phantoms")
+    data.add_argument("--num-volumes", type=_positive_int, default=20,
+                      help="number of synthetic phantoms")
+    data.add_argument("--size", type=_positive_int, nargs=3, metavar=("D", "H", "W"),
+                      help="volume size; default "
+                           + ", ".join(f"{'x'.join(map(str, v))} ({k})"
+                                       for k, v in DEFAULT_SIZES.items()))
+    data.add_argument("--spacing", type=_positive_float, nargs=3, metavar=("SD", "SH", "SW"),
+                      help="resample NIfTI volumes to this voxel size (mm), then pad/crop to "
+                           "--size; default: resize the whole volume to --size")
+    data.add_argument("--workers", type=_non_negative_int, default=0,
+                      help="DataLoader worker processes")
+    train = ft.add_argument_group("training")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=100,
+                        help="optimizer steps in total (a resumed run continues to this)")
+    length.add_argument("--epochs", type=_positive_float, help="train for this many epochs")
+    train.add_argument("--lr", type=_positive_float, default=5e-5, help="Adam learning rate")
+    train.add_argument("--batch-size", type=_positive_int, default=1, help="volumes per batch")
+    train.add_argument("--accum", type=_positive_int, default=4,
+                       help="gradient-accumulation micro-batches per optimizer step")
+    train.add_argument("--seed", type=_non_negative_int, default=0,
+                       help="seed for base weights, phantoms, data split and noise")
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device")
+    train.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES),
+                       help="autocast dtype; default bf16 on a GPU, none on the CPU (fp16 uses a "
+                            "gradient scaler and needs a GPU)")
+    run = ft.add_argument_group("run")
+    run.add_argument("--out", default="runs/finetune", metavar="DIR", help="output folder")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run saved in --out (same model and method)")
+    run.add_argument("--save-every", type=_non_negative_int, default=0, metavar="N",
+                     help="also save weights and state every N steps (0: only at the end)")
+    run.add_argument("--log-every", type=_positive_int, default=10, metavar="N",
+                     help="without a terminal, print a progress line every N steps")
+    run.add_argument("--dry-run", action="store_true",
+                     help="build, inject, count and write metrics.json; no training")
+    run.add_argument("--profile", action="store_true",
+                     help=f"profile {finetune.PROFILE_STEPS} optimizer steps after a warm-up "
+                          "step: DIR/trace.json (Chrome trace) and DIR/profile.txt")
+    ft.set_defaults(func=_cmd_finetune)
     return parser
 
 
@@ -190,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--device cuda: no CUDA device is available; use --device cpu")
     try:
         return args.func(args)
-    except AdapterError as e:
+    except (AdapterError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

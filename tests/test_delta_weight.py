@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
+from ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
 from oracle import TENVOO_L, TENVOO_Q, QUANTA, loop_delta, rel_err, spec_delta
 from tenvoo_fast import (LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d, LoRALinear,
                          QuanTALinear, TenVOOConv3d)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import paper_unet, tiny_unet
+from ddpm_shapes import paper_unet, tiny_unet
 from oracle import SPEC_TABLE, eq6, quanta_params
 import tenvoo_fast
 from tenvoo_fast import (AdapterConfig, AdapterError, adapter_layers, count_parameters, inject,

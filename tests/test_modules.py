@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from conftest import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
+from ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
 from oracle import rel_err, spec_delta
 from tenvoo_fast import (AdapterError, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear,
                          LoRAConv3d, LoRALinear, QuanTALinear, TenVOOConv3d, use_backend)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
+from ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
 from oracle import SPEC_TABLE, eq6, quanta_params
 from tenvoo_fast import AdapterError, QuanTALinear, TenVOOConv3d, networks
 from tenvoo_fast.factorization import general_factors

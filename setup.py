@@ -42,12 +42,13 @@ setup(
         "safetensors>=0.4",
         "monai>=1.4",
         "einops",  # MONAI's attention blocks import it
+        "nibabel",  # NIfTI data for finetune --data and sample's outputs
         "tqdm",
+        "matplotlib",  # profile and sample plots
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "nibabel"],
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
         "triton": ["triton>=3.0"],
-        "nifti": ["nibabel"],
         "peers": ["peft", "lycoris-lora"],
     },
     entry_points={"console_scripts": ["tenvoo-fast=tenvoo_fast.cli:main"]},

@@ -12,6 +12,8 @@ import sys
 import torch
 
 from . import __version__, finetune, presets
+from . import profile as profile_
+from . import sample as sample_
 from .errors import AdapterError, RunError
 from .unets import DEFAULT_SIZES
 
@@ -56,6 +58,29 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     """Run :func:`tenvoo_fast.finetune.run` with the parsed options."""
     finetune.run(args)
     return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    """Run :func:`tenvoo_fast.profile.run` with the parsed options."""
+    profile_.run(args)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    """Run :func:`tenvoo_fast.sample.run` with the parsed options."""
+    sample_.run(args)
+    return 0
+
+
+def _method_list(text: str) -> list[str]:
+    methods = _comma_list(text)
+    unknown = [m for m in methods if m not in finetune.METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(finetune.METHODS)}")
+    if not methods:
+        raise argparse.ArgumentTypeError("name at least one method")
+    return methods
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +157,67 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"profile {finetune.PROFILE_STEPS} optimizer steps after a warm-up "
                           "step: DIR/trace.json (Chrome trace) and DIR/profile.txt")
     ft.set_defaults(func=_cmd_finetune)
+
+    pr = commands.add_parser(
+        "profile", help="several methods side by side: step time, peak memory, parameters",
+        description="Run 'finetune' for each method, one after another in this process, on the "
+                    "same preset and options (each into DIR/METHOD); write DIR/profile.md (a "
+                    "table with ratios against the first method), DIR/profile.png and "
+                    "DIR/profile.json. Options left out take finetune's defaults. On the CPU "
+                    "peak memory is the process's peak RSS, which only grows across methods.",
+        formatter_class=_HelpFormatter)
+    pr.add_argument("--methods", type=_method_list, default="full,lora,tenvoo-l,tenvoo-q",
+                    help="comma-separated methods; ratios are against the first")
+    pr.add_argument("--preset", choices=("paper", "tiny"), default="paper",
+                    help="the UNet (as in finetune)")
+    pr.add_argument("--steps", type=_positive_int, default=10,
+                    help=f"optimizer steps per method; the step time is the median after "
+                         f"{finetune.WARMUP_STEPS} warm-up steps")
+    pr.add_argument("--out", default="runs/profile", metavar="DIR", help="output folder")
+    passed = pr.add_argument_group("passed on to finetune (default: finetune's)")
+    passed.add_argument("--rank", type=int, help="adapter rank")
+    passed.add_argument("--size", type=_positive_int, nargs=3, metavar=("D", "H", "W"),
+                        help="volume size")
+    passed.add_argument("--accum", type=_positive_int,
+                        help="gradient-accumulation micro-batches per optimizer step")
+    passed.add_argument("--batch-size", type=_positive_int, help="volumes per batch")
+    passed.add_argument("--num-volumes", type=_positive_int, help="number of synthetic phantoms")
+    passed.add_argument("--lr", type=_positive_float, help="Adam learning rate")
+    passed.add_argument("--data", metavar="DIR", help="folder of NIfTI volumes")
+    passed.add_argument("--base-weights", metavar="PATH", help="torch state_dict of the UNet")
+    passed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
+    passed.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES), help="autocast dtype")
+    passed.add_argument("--seed", type=_non_negative_int, help="seed")
+    pr.set_defaults(func=_cmd_profile)
+
+    sa = commands.add_parser(
+        "sample", help="generate volumes from a fine-tuned UNet (adapter merged)",
+        description="Build the base UNet as finetune does (same --preset, --seed, "
+                    "--base-weights), load and merge an adapter.safetensors from a finetune run, "
+                    "and generate volumes with DDPM or DDIM sampling; writes "
+                    "DIR/sample_XXX.nii.gz and DIR/sample_XXX.png (mid-slices).",
+        formatter_class=_HelpFormatter)
+    sa.add_argument("--preset", choices=("paper", "tiny"), default="paper", help="the UNet")
+    sa.add_argument("--adapter", metavar="PATH",
+                    help="adapter.safetensors from finetune (default: the base model alone)")
+    sa.add_argument("--base-weights", metavar="PATH",
+                    help="torch state_dict of the UNet (default: random weights drawn from "
+                         "--seed, as finetune draws them)")
+    sa.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm",
+                    help="DDPM ancestral sampling or DDIM")
+    sa.add_argument("--steps", type=_positive_int,
+                    help="sampling steps; default "
+                         + ", ".join(f"{v} ({k})" for k, v in sample_.DEFAULT_STEPS.items()))
+    sa.add_argument("--num", type=_positive_int, default=1, help="number of volumes")
+    sa.add_argument("--size", type=_positive_int, nargs=3, metavar=("D", "H", "W"),
+                    help="volume size; default as finetune's")
+    sa.add_argument("--seed", type=_non_negative_int, default=0,
+                    help="seed of the random base weights (use the finetune run's) and noise")
+    sa.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device")
+    sa.add_argument("--out", default="runs/sample", metavar="DIR", help="output folder")
+    sa.set_defaults(func=_cmd_sample)
     return parser
 
 

@@ -67,12 +67,7 @@ def run(opts: argparse.Namespace) -> dict:
     Raises :class:`RunError` (or :class:`AdapterError`) for anything the user can fix, before
     training starts where it can be known then.
     """
-    size = tuple(opts.size or DEFAULT_SIZES[opts.preset])
-    factor = downsampling_factor(opts.preset)
-    if any(side % factor for side in size):
-        raise RunError(f"--size {' '.join(map(str, size))}: every side must be a multiple of "
-                       f"{factor} for the {opts.preset} UNet (it halves each side "
-                       f"{int(math.log2(factor))} times)")
+    size = volume_size(opts.preset, opts.size)
     device = torch.device(opts.device)
     amp = opts.amp or ("bf16" if device.type == "cuda" else "none")
     if amp == "fp16" and device.type != "cuda":
@@ -90,6 +85,34 @@ def run(opts: argparse.Namespace) -> dict:
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+def volume_size(preset: str, size=None) -> tuple[int, ...]:
+    """``size`` (D, H, W), or the preset's default; raises :class:`RunError` unless every side
+    is a multiple of the UNet's downsampling factor."""
+    size = tuple(size or DEFAULT_SIZES[preset])
+    factor = downsampling_factor(preset)
+    if any(side % factor for side in size):
+        raise RunError(f"--size {' '.join(map(str, size))}: every side must be a multiple of "
+                       f"{factor} for the {preset} UNet (it halves each side "
+                       f"{int(math.log2(factor))} times)")
+    return size
+
+
+def base_unet(preset: str, base_weights: str | os.PathLike | None = None) -> nn.Module:
+    """The base UNet a run fine-tunes: ``preset``'s UNet with the weights in ``base_weights``,
+    or random weights (drawn from torch's global RNG: seed it first) with the output conv
+    re-initialised. ``tenvoo-fast sample`` builds its base with this too."""
+    model = build_unet(preset)
+    if base_weights:
+        _load_base_weights(model, Path(base_weights), preset)
+    else:
+        # MONAI zero-initialises the last conv (for training from scratch). Frozen at zero, as
+        # in adapter fine-tuning of random base weights, it would stop every gradient.
+        for module in model.out.modules():
+            if isinstance(module, nn.Conv3d):
+                module.reset_parameters()
+    return model
 
 
 def _run(opts, size, amp, device, rank, world_size) -> dict:
@@ -227,15 +250,7 @@ def _run_identity(opts) -> dict:
 def _build_model(opts, resume_from: Path | None) -> nn.Module:
     """The preset's UNet with base weights, adapters (or baseline trainables) and, when
     resuming, the trained weights from ``resume_from``."""
-    model = build_unet(opts.preset)
-    if opts.base_weights:
-        _load_base_weights(model, Path(opts.base_weights), opts.preset)
-    else:
-        # MONAI zero-initialises the last conv (for training from scratch). Frozen at zero, as
-        # in adapter fine-tuning of random base weights, it would stop every gradient.
-        for module in model.out.modules():
-            if isinstance(module, nn.Conv3d):
-                module.reset_parameters()
+    model = base_unet(opts.preset, opts.base_weights)
     if opts.method in BASELINES:
         for name, p in model.named_parameters():
             p.requires_grad_(opts.method == "full"

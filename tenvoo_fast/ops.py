@@ -24,10 +24,21 @@ from . import environment, simplify
 from .reference import contraction_dtype, contraction_expression
 
 
-def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float) -> Tensor:
+def _reduced(cores: list[Tensor], equation: str):
+    """(plan, contraction dtype, cores with redundant axes pre-reduced) for the fast kernels."""
     p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
     dtype = contraction_dtype(cores)
-    reduced = simplify.reduce_cores(p, [c.to(dtype) for c in cores])
+    return p, dtype, simplify.reduce_cores(p, [c.to(dtype) for c in cores])
+
+
+def _stored_grads(p, grads, cores) -> list[Tensor]:
+    """Gradients of the reduced cores -> gradients of the stored cores (contiguous, core dtype)."""
+    return [simplify.expand_grad(p, i, g, tuple(c.shape)).to(c.dtype).contiguous()
+            for i, (g, c) in enumerate(zip(grads, cores))]
+
+
+def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float) -> Tensor:
+    p, dtype, reduced = _reduced(cores, equation)
     out = contraction_expression(p.equation, tuple(tuple(c.shape) for c in reduced))(
         *reduced, backend="torch").reshape(weight_shape)
     return out * scale if scale != 1.0 else out
@@ -53,13 +64,10 @@ def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str
                          weight_shape: list[int], scale: float) -> list[Tensor]:
     """dL/dcore_k for every core, given dL/dΔW (environment contraction, nothing saved)."""
     with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
-        p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
-        dtype = contraction_dtype(cores)
-        reduced = simplify.reduce_cores(p, [c.to(dtype) for c in cores])
+        p, dtype, reduced = _reduced(cores, equation)
         g = grad_weight.to(dtype)
         grads = environment.core_gradients(p.equation, reduced, g * scale if scale != 1.0 else g)
-        return [simplify.expand_grad(p, i, gi, tuple(c.shape)).to(c.dtype).contiguous()
-                for i, (gi, c) in enumerate(zip(grads, cores))]
+        return _stored_grads(p, grads, cores)
 
 
 @weight_grad_to_cores.register_fake
@@ -119,9 +127,7 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
     """
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         shape = list(base.shape)
-        p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
-        dtype = contraction_dtype(cores)
-        reduced = simplify.reduce_cores(p, [c.to(dtype) for c in cores])
+        p, dtype, reduced = _reduced(cores, equation)
         steps, nodes = environment.forward_tree(p.equation, reduced)
         w = nodes[len(reduced) + len(steps) - 1].reshape(shape)
         w = (w * scale if scale != 1.0 else w.clone()) if need_x else None
@@ -143,8 +149,7 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
         gw = gw.to(dtype)
         grads = environment.reverse_tree(steps, nodes, len(reduced),
                                          gw * scale if scale != 1.0 else gw)
-        core_grads = [simplify.expand_grad(p, i, gi, tuple(c.shape)).to(c.dtype).contiguous()
-                      for i, (gi, c) in enumerate(zip(grads, cores))]
+        core_grads = _stored_grads(p, grads, cores)
         empty = x.new_empty(0)
         return [gx.contiguous() if gx is not None else empty,
                 gb.to(bias.dtype) if gb is not None else empty] + core_grads

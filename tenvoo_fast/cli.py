@@ -12,6 +12,7 @@ import sys
 import torch
 
 from . import __version__, finetune, presets
+from . import evaluate as evaluate_
 from . import profile as profile_
 from . import sample as sample_
 from .errors import AdapterError, RunError
@@ -69,6 +70,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     """Run :func:`tenvoo_fast.sample.run` with the parsed options."""
     sample_.run(args)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run :func:`tenvoo_fast.evaluate.run` with the parsed options."""
+    evaluate_.run(args)
     return 0
 
 
@@ -140,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed for base weights, phantoms, data split and noise")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device")
+    train.add_argument("--backend", default="auto",
+                       help="adapter backend: auto (the fastest that can run each layer) or one "
+                            "of tenvoo_fast.available_backends(), e.g. reference")
     train.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES),
                        help="autocast dtype; default bf16 on a GPU, none on the CPU (fp16 uses a "
                             "gradient scaler and needs a GPU)")
@@ -188,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     passed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device")
     passed.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES), help="autocast dtype")
+    passed.add_argument("--backend", help="adapter backend (auto, reference, ...)")
     passed.add_argument("--seed", type=_non_negative_int, help="seed")
     pr.set_defaults(func=_cmd_profile)
 
@@ -218,6 +229,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch device")
     sa.add_argument("--out", default="runs/sample", metavar="DIR", help="output folder")
     sa.set_defaults(func=_cmd_sample)
+
+    ev = commands.add_parser(
+        "evaluate", help="score generated volumes: MS-SSIM, and FID/MMD with --feature-weights",
+        description="Compare a folder of generated NIfTI volumes (e.g. from 'sample') with a "
+                    "folder of held-out ones: MS-SSIM over every (generated, reference) pair "
+                    "(MONAI, 3D, 5 scales, window 7, or 5 or 3 for small volumes); FID and MMD "
+                    "on the features of a 3D ResNet-50 (Med3D layout) when --feature-weights is "
+                    "given, otherwise reported as not computed. Volumes are read as finetune "
+                    "--data reads them (intensities scaled to [0, 1]) and resized to one size. "
+                    "Writes --out (JSON).",
+        formatter_class=_HelpFormatter)
+    ev.add_argument("--generated", required=True, metavar="DIR",
+                    help="folder of generated volumes (.nii, .nii.gz)")
+    ev.add_argument("--reference", required=True, metavar="DIR",
+                    help="folder of held-out (validation) volumes (.nii, .nii.gz)")
+    ev.add_argument("--feature-weights", metavar="PATH",
+                    help="state dict of a 3D ResNet-50 in Med3D's layout (e.g. MedicalNet's "
+                         "resnet_50_23dataset.pth) for FID and MMD; without it they are not "
+                         "computed")
+    ev.add_argument("--size", type=_positive_int, nargs=3, metavar=("D", "H", "W"),
+                    help="resize every volume to this size (default: the first generated "
+                         "volume's size)")
+    ev.add_argument("--device", default="cpu", help="torch device")
+    ev.add_argument("--out", default="runs/evaluate/evaluation.json", metavar="FILE",
+                    help="output JSON file")
+    ev.set_defaults(func=_cmd_evaluate)
     return parser
 
 

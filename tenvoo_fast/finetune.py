@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ._version import __version__
-from .backends import available_backends, current_backend
+from .backends import available_backends, current_backend, use_backend
 from .checkpoint import load_adapter, save_adapter
 from .config import METHODS as ADAPTER_METHODS, AdapterConfig
 from .data import training_volumes
@@ -81,7 +81,8 @@ def run(opts: argparse.Namespace) -> dict:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _run(opts, size, amp, device, rank, world_size)
+        with use_backend(getattr(opts, "backend", "auto")):
+            return _run(opts, size, amp, device, rank, world_size)
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()

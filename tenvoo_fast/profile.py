@@ -31,7 +31,7 @@ PROFILE_MD, PROFILE_PNG, PROFILE_JSON = "profile.md", "profile.png", "profile.js
 PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
              ("batch_size", "--batch-size"), ("num_volumes", "--num-volumes"), ("lr", "--lr"),
              ("data", "--data"), ("base_weights", "--base-weights"), ("device", "--device"),
-             ("amp", "--amp"), ("seed", "--seed"))
+             ("amp", "--amp"), ("seed", "--seed"), ("backend", "--backend"))
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",

@@ -8,9 +8,12 @@
   backward *recomputes*: only the input, the cores and tensors the layer already owns are saved,
   never the effective weight or the contraction's intermediates.
 
-The kernels here are the pure-torch defaults (fp32, or fp64 for fp64 inputs, with the
-redundant axes pre-reduced by :mod:`simplify`); each op has a fake kernel, so adapted models
-trace under ``torch.compile``. Per-device kernels (Triton, CUDA, C++) register for the same ops.
+Each op is defined once; ``kernel`` picks who runs the weight-sized step (the last step of the
+contraction tree, fused with ``W - T(θ0)`` and the cast, and the first step of the reverse
+sweep): ``"torch"``, the pure-torch default (fp32, or fp64 for fp64 inputs) that runs anywhere,
+or ``"triton"`` (:mod:`tenvoo_fast.triton_kernels`, on CUDA or under ``TRITON_INTERPRET=1``).
+The small steps run in torch either way, with the redundant axes pre-reduced by
+:mod:`simplify`. Each op has a fake kernel, so adapted models trace under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -37,8 +40,24 @@ def _stored_grads(p, grads, cores) -> list[Tensor]:
             for i, (g, c) in enumerate(zip(grads, cores))]
 
 
-def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float) -> Tensor:
+def _triton():
+    from .triton_kernels import launch
+    return launch
+
+
+def _last_layout(step, nodes):
+    left, right = nodes[step.left], nodes[step.right]
+    return _triton().layout(step.left_idx, tuple(left.shape), step.right_idx,
+                            tuple(right.shape), step.out_idx), left, right
+
+
+def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float,
+              kernel: str) -> Tensor:
     p, dtype, reduced = _reduced(cores, equation)
+    if kernel == "triton":
+        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+        lay, left, right = _last_layout(steps[-1], nodes)
+        return _triton().build(lay, left, right, weight_shape, scale)
     out = contraction_expression(p.equation, tuple(tuple(c.shape) for c in reduced))(
         *reduced, backend="torch").reshape(weight_shape)
     return out * scale if scale != 1.0 else out
@@ -47,55 +66,81 @@ def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale
 # -- build_delta ---------------------------------------------------------------------------------
 @torch.library.custom_op("tenvoo_fast::build_delta", mutates_args=())
 def build_delta(cores: list[Tensor], equation: str, weight_shape: list[int],
-                scale: float) -> Tensor:
+                scale: float, kernel: str) -> Tensor:
     """ΔW = scale * einsum(equation, *cores).reshape(weight_shape), fp32 (fp64 for fp64)."""
     with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
-        return _contract(cores, equation, weight_shape, scale)
+        return _contract(cores, equation, weight_shape, scale, kernel)
 
 
 @build_delta.register_fake
-def _(cores, equation, weight_shape, scale):
+def _(cores, equation, weight_shape, scale, kernel):
     return cores[0].new_empty(weight_shape, dtype=contraction_dtype(cores))
 
 
 # -- weight_grad_to_cores ------------------------------------------------------------------------
 @torch.library.custom_op("tenvoo_fast::weight_grad_to_cores", mutates_args=())
 def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str,
-                         weight_shape: list[int], scale: float) -> list[Tensor]:
+                         weight_shape: list[int], scale: float,
+                         kernel: str) -> list[Tensor]:
     """dL/dcore_k for every core, given dL/dΔW (environment contraction, nothing saved)."""
     with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
         p, dtype, reduced = _reduced(cores, equation)
-        g = grad_weight.to(dtype)
-        grads = environment.core_gradients(p.equation, reduced, g * scale if scale != 1.0 else g)
+        steps, nodes = environment.forward_tree(p.equation, reduced,
+                                                skip_last=kernel == "triton")
+        grads = _reverse(steps, nodes, reduced, grad_weight, scale, kernel, dtype)
         return _stored_grads(p, grads, cores)
 
 
+def _reverse(steps, nodes, reduced, grad_weight, scale, kernel, dtype):
+    """The reverse sweep from dL/dW; its first (weight-sized) step by ``kernel``."""
+    if kernel == "triton":
+        lay, left, right = _last_layout(steps[-1], nodes)
+        last = _triton().grads(lay, grad_weight, left, right, scale)
+        return environment.reverse_tree(steps, nodes, len(reduced), None, last)
+    g = grad_weight.to(dtype)
+    return environment.reverse_tree(steps, nodes, len(reduced), g * scale if scale != 1.0 else g)
+
+
 @weight_grad_to_cores.register_fake
-def _(grad_weight, cores, equation, weight_shape, scale):
+def _(grad_weight, cores, equation, weight_shape, scale, kernel):
     return [torch.empty_like(c) for c in cores]
 
 
 # -- adapted layers ------------------------------------------------------------------------------
-def _effective(base, frozen_delta, cores, equation, weight_shape, scale) -> Tensor:
-    """W + (T(θ) - T(θ0)) in fp32 (fp64), in place on the freshly built ΔW (no extra buffer)."""
-    w = torch.ops.tenvoo_fast.build_delta(cores, equation, weight_shape, scale)
-    if frozen_delta is not None:
-        w.sub_(frozen_delta)
-    return w.add_(base)
+def _effective(base, frozen_delta, cores, equation, weight_shape, scale, kernel,
+               out_dtype) -> Tensor:
+    """W + (T(θ) - T(θ0)), formed in fp32 (fp64) and cast to ``out_dtype`` last: by the torch
+    kernel in place on the freshly built ΔW, or in one fused Triton pass."""
+    with torch.autocast(base.device.type, enabled=False), torch.no_grad():
+        if kernel == "triton":
+            p, _, reduced = _reduced(cores, equation)
+            steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+            return _fused_effective(steps, nodes, base, frozen_delta, weight_shape, scale,
+                                    out_dtype)
+        w = _contract(cores, equation, weight_shape, scale, "torch")
+        if frozen_delta is not None:
+            w.sub_(frozen_delta)
+        return w.add_(base).to(out_dtype)
+
+
+def _fused_effective(steps, nodes, base, frozen_delta, weight_shape, scale, out_dtype):
+    lay, left, right = _last_layout(steps[-1], nodes)
+    return _triton().build(lay, left, right, weight_shape, scale, base, frozen_delta, out_dtype)
 
 
 @torch.library.custom_op("tenvoo_fast::adapted_conv3d", mutates_args=())
 def adapted_conv3d(x: Tensor, base: Tensor, frozen_delta: Optional[Tensor], cores: list[Tensor],
                    bias: Optional[Tensor], equation: str, scale: float, stride: list[int],
-                   padding: list[int], dilation: list[int]) -> Tensor:
+                   padding: list[int], dilation: list[int], kernel: str) -> Tensor:
     """conv3d(x, W + (T(θ) - T(θ0)), bias) in x's dtype; the weight formed in fp32 first."""
-    w = _effective(base, frozen_delta, cores, equation, list(base.shape), scale)
+    w = _effective(base, frozen_delta, cores, equation, list(base.shape), scale, kernel, x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    return F.conv3d(x, w.to(x.dtype), b, stride, padding, dilation)
+    return F.conv3d(x, w, b, stride, padding, dilation)
 
 
 @adapted_conv3d.register_fake
-def _(x, base, frozen_delta, cores, bias, equation, scale, stride, padding, dilation):
+def _(x, base, frozen_delta, cores, bias, equation, scale, stride, padding, dilation,
+      kernel):
     spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
                zip(x.shape[2:], base.shape[2:], stride, padding, dilation)]
     return x.new_empty((x.shape[0], base.shape[0], *spatial))
@@ -103,21 +148,23 @@ def _(x, base, frozen_delta, cores, bias, equation, scale, stride, padding, dila
 
 @torch.library.custom_op("tenvoo_fast::adapted_linear", mutates_args=())
 def adapted_linear(x: Tensor, base: Tensor, frozen_delta: Optional[Tensor], cores: list[Tensor],
-                   bias: Optional[Tensor], equation: str, scale: float) -> Tensor:
+                   bias: Optional[Tensor], equation: str, scale: float,
+                   kernel: str) -> Tensor:
     """linear(x, W + (T(θ) - T(θ0)), bias) in x's dtype; the weight formed in fp32 first."""
-    w = _effective(base, frozen_delta, cores, equation, list(base.shape), scale)
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    w = _effective(base, frozen_delta, cores, equation, list(base.shape), scale, kernel, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 @adapted_linear.register_fake
-def _(x, base, frozen_delta, cores, bias, equation, scale):
+def _(x, base, frozen_delta, cores, bias, equation, scale, kernel):
     return x.new_empty((*x.shape[:-1], base.shape[0]))
 
 
 @torch.library.custom_op("tenvoo_fast::adapted_backward", mutates_args=())
 def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Optional[Tensor],
                      cores: list[Tensor], bias: Optional[Tensor], need_x: bool, need_bias: bool,
-                     equation: str, scale: float, conv: list[int]) -> list[Tensor]:
+                     equation: str, scale: float, conv: list[int],
+                     kernel: str) -> list[Tensor]:
     """[grad_x, grad_bias, *grad_cores] of an adapted conv3d (``conv`` = stride + padding +
     dilation, 9 ints) or linear (``conv`` empty); unneeded gradients come back empty.
 
@@ -128,10 +175,15 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         shape = list(base.shape)
         p, dtype, reduced = _reduced(cores, equation)
-        steps, nodes = environment.forward_tree(p.equation, reduced)
-        w = nodes[len(reduced) + len(steps) - 1].reshape(shape)
-        w = (w * scale if scale != 1.0 else w.clone()) if need_x else None
-        if w is not None:
+        fused = kernel == "triton"
+        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=fused)
+        if not need_x:
+            w = None
+        elif fused:
+            w = _fused_effective(steps, nodes, base, frozen_delta, shape, scale, x.dtype)
+        else:
+            w = nodes[len(reduced) + len(steps) - 1].reshape(shape)
+            w = w * scale if scale != 1.0 else w.clone()
             if frozen_delta is not None:
                 w.sub_(frozen_delta)
             w = w.add_(base).to(x.dtype)
@@ -146,9 +198,7 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
             gw = g2.t().matmul(x2)
             gx = g.matmul(w) if need_x else None
             gb = g2.sum(0) if need_bias else None
-        gw = gw.to(dtype)
-        grads = environment.reverse_tree(steps, nodes, len(reduced),
-                                         gw * scale if scale != 1.0 else gw)
+        grads = _reverse(steps, nodes, reduced, gw, scale, kernel, dtype)
         core_grads = _stored_grads(p, grads, cores)
         empty = x.new_empty(0)
         return [gx.contiguous() if gx is not None else empty,
@@ -156,18 +206,20 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
 
 
 @adapted_backward.register_fake
-def _(grad_out, x, base, frozen_delta, cores, bias, need_x, need_bias, equation, scale, conv):
+def _(grad_out, x, base, frozen_delta, cores, bias, need_x, need_bias, equation, scale, conv,
+      kernel):
     return ([torch.empty_like(x) if need_x else x.new_empty(0),
              torch.empty_like(bias) if need_bias else x.new_empty(0)]
             + [torch.empty_like(c) for c in cores])
 
 
 def _setup_context(ctx, inputs, output):
-    x, base, frozen_delta, cores, bias, equation, scale, *conv = inputs
+    x, base, frozen_delta, cores, bias, equation, scale, *rest = inputs
+    kernel = rest.pop()
     ctx.save_for_backward(x, base, frozen_delta, bias, *cores)
-    ctx.equation, ctx.scale = equation, scale
-    ctx.conv = [v for c in conv for v in c]
-    ctx.n_nontensor = 2 + len(conv)
+    ctx.equation, ctx.scale, ctx.kernel = equation, scale, kernel
+    ctx.conv = [v for c in rest for v in c]
+    ctx.n_nontensor = len(inputs) - 5
 
 
 def _backward(ctx, grad_out):
@@ -176,7 +228,7 @@ def _backward(ctx, grad_out):
     need_b = bias is not None and ctx.needs_input_grad[4]
     gx, gb, *grad_cores = torch.ops.tenvoo_fast.adapted_backward(
         grad_out, x, base, frozen_delta, cores, bias, need_x, need_b, ctx.equation, ctx.scale,
-        ctx.conv)
+        ctx.conv, ctx.kernel)
     return (gx if need_x else None, None, None, grad_cores, gb if need_b else None,
             *[None] * ctx.n_nontensor)
 

@@ -15,10 +15,12 @@ from .modules import (AdapterLayer, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLine
                       LoRALinear, QuanTALinear, TenVOOConv3d)
 from .reference import ReferenceBackend as _ReferenceBackend
 from .recompute import RecomputeBackend as _RecomputeBackend
+from .triton_backend import TritonBackend as _TritonBackend
 from .backends import register_backend as _register_backend
 
 _register_backend(_ReferenceBackend())
 _register_backend(_RecomputeBackend())
+_register_backend(_TritonBackend())
 
 __all__ = [
     "__version__", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",

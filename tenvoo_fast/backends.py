@@ -91,6 +91,13 @@ def use_backend(name: str) -> Iterator[None]:
         _state.name = previous
 
 
+def _auto_priority(backend, x):
+    """A backend's rank under ``auto`` for ``x``'s device (``auto_priority``, else its
+    ``priority``); None means ``auto`` never picks it there (it still runs when named)."""
+    rank = getattr(backend, "auto_priority", None)
+    return backend.priority if rank is None else rank(x.device.type)
+
+
 def resolve(layer, x: torch.Tensor) -> Backend:
     """The backend that runs ``layer`` on ``x`` now."""
     name = current_backend()
@@ -101,7 +108,8 @@ def resolve(layer, x: torch.Tensor) -> Backend:
             raise AdapterError(f"{layer.adapter_name}: backend {name!r} cannot run this layer: "
                                f"{reason}; use_backend('auto') falls back automatically")
         return backend
-    for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+    ranked = [(rank, b) for b in _REGISTRY.values() if (rank := _auto_priority(b, x)) is not None]
+    for _, backend in sorted(ranked, key=lambda rb: -rb[0]):
         if backend.unavailable_reason() is None and backend.unsupported_reason(layer, x) is None:
             return backend
     raise AdapterError(f"{layer.adapter_name}: no backend can run this layer")  # pragma: no cover

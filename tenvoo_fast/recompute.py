@@ -20,6 +20,16 @@ def _views(network, tensors):
 class RecomputeBackend:
     name = "recompute"
     priority = 10
+    kernel = "torch"  # who runs the weight-sized steps of the ops (see ops.py)
+
+    def auto_priority(self, device_type: str):
+        """Rank under ``auto`` on this device (None: never chosen automatically).
+
+        On CUDA the pure-torch recompute path is launch-bound and measured slower than the
+        reference (paper preset, H100, bf16: 695 vs 514 ms per step), so ``auto`` prefers the
+        reference there; on the CPU it is the faster one.
+        """
+        return self.priority if device_type == "cpu" else -10
 
     def unavailable_reason(self):
         return None
@@ -31,7 +41,8 @@ class RecomputeBackend:
 
     def delta_weight(self, network, tensors):
         return torch.ops.tenvoo_fast.build_delta(
-            _views(network, tensors), network.equation, list(network.weight_shape), network.scale)
+            _views(network, tensors), network.equation, list(network.weight_shape), network.scale,
+            self.kernel)
 
     def conv3d(self, layer, x):
         dt = layer.compute_dtype(x)
@@ -43,9 +54,10 @@ class RecomputeBackend:
         return torch.ops.tenvoo_fast.adapted_conv3d(
             x, layer.weight, layer.frozen_delta_weight(self), _views(layer.network, layer.cores),
             layer.bias, layer.network.equation, layer.network.scale, list(layer.stride), padding,
-            list(layer.dilation))
+            list(layer.dilation), self.kernel)
 
     def linear(self, layer, x):
         return torch.ops.tenvoo_fast.adapted_linear(
             x.to(layer.compute_dtype(x)), layer.weight, layer.frozen_delta_weight(self),
-            _views(layer.network, layer.cores), layer.bias, layer.network.equation, layer.network.scale)
+            _views(layer.network, layer.cores), layer.bias, layer.network.equation,
+            layer.network.scale, self.kernel)

@@ -295,6 +295,19 @@ def test_backend_selection():
     assert tenvoo_fast.current_backend() == "auto"
     with pytest.raises(AdapterError, match="unknown backend 'nope'"):
         tenvoo_fast.set_backend("nope")
-    with pytest.raises(AdapterError, match="unknown backend 'triton'"):
-        with use_backend("triton"):
-            pass
+    assert "triton" in tenvoo_fast.backends.registered_backends()
+
+
+def test_triton_backend_says_why_it_cannot_run(monkeypatch):
+    import tenvoo_fast
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: triton can run")
+    with pytest.raises(AdapterError, match="backend 'triton' cannot run here: no CUDA GPU"):
+        tenvoo_fast.set_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(4, 4, 3, padding=1), 2, "L").double()
+    with use_backend("triton"), pytest.raises(AdapterError, match="fp64"):
+        layer(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64))
+    with use_backend("auto"):  # never the interpreter under auto
+        assert tenvoo_fast.backends.resolve(layer.float(), torch.randn(1, 4, 3, 3, 3)).name != "triton"

@@ -23,21 +23,27 @@ NETWORKS = {
 }
 
 
+#: The ops' kernels for the weight-sized steps; "triton" runs in the interpreter without a GPU.
+KERNELS = {"torch": (torch.float64, 1e-12), "triton": (torch.float32, 2e-6)}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("name", list(NETWORKS))
-def test_build_delta_and_core_grads_equal_reference_autograd(name, seeded):
+def test_build_delta_and_core_grads_equal_reference_autograd(name, kernel, seeded):
+    dtype, tol = KERNELS[kernel]
     net = NETWORKS[name]()
     cores = [torch.randn(c.shape, dtype=torch.float64, requires_grad=True) for c in net.cores]
-    views = _views(net, cores)
+    views = [v.detach().to(dtype) for v in _views(net, cores)]
     d_ref = reference.delta_weight(net, cores)
-    d = torch.ops.tenvoo_fast.build_delta([v.detach() for v in views], net.equation,
-                                          list(net.weight_shape), net.scale)
-    assert rel_err(d, d_ref) < 1e-12
+    d = torch.ops.tenvoo_fast.build_delta(views, net.equation, list(net.weight_shape), net.scale,
+                                          kernel)
+    assert d.dtype == dtype and rel_err(d, d_ref) < tol
     g = torch.randn_like(d_ref)
     expected = torch.autograd.grad(d_ref, cores, g)
-    got = torch.ops.tenvoo_fast.weight_grad_to_cores(g, [v.detach() for v in views],
-                                                     net.equation, list(net.weight_shape), net.scale)
+    got = torch.ops.tenvoo_fast.weight_grad_to_cores(g.to(dtype), views, net.equation,
+                                                     list(net.weight_shape), net.scale, kernel)
     for e, c, gc in zip(expected, cores, got):
-        assert rel_err(gc.reshape(c.shape), e) < 1e-12
+        assert rel_err(gc.reshape(c.shape), e) < tol
 
 
 LAYERS = {
@@ -116,33 +122,34 @@ def test_string_padding_falls_back_under_auto_and_refuses_explicitly():
             layer(x)
 
 
-def test_opcheck_every_op(seeded):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_opcheck_every_op(kernel, seeded):
     """torch.library.opcheck: schemas, fake kernels (shapes and strides), autograd registration."""
     net = NETWORKS["tenvoo-q"]()
     cores = [torch.randn(c.contraction_shape, requires_grad=True) for c in net.cores]
     shape = list(net.weight_shape)
     torch.library.opcheck(torch.ops.tenvoo_fast.build_delta.default,
-                          ([c.detach() for c in cores], net.equation, shape, net.scale))
+                          ([c.detach() for c in cores], net.equation, shape, net.scale, kernel))
     torch.library.opcheck(torch.ops.tenvoo_fast.weight_grad_to_cores.default,
                           (torch.randn(shape), [c.detach() for c in cores], net.equation, shape,
-                           net.scale))
+                           net.scale, kernel))
     base, frozen = torch.randn(shape) * 0.02, torch.randn(shape)
     x = torch.randn(1, shape[1], 4, 3, 4, requires_grad=True)
     bias = torch.randn(shape[0], requires_grad=True)
     conv_args = (x, base, frozen, cores, bias, net.equation, net.scale, [1, 1, 1], [1, 0, 1],
-                 [1, 1, 1])
+                 [1, 1, 1], kernel)
     torch.library.opcheck(torch.ops.tenvoo_fast.adapted_conv3d.default, conv_args)
     torch.library.opcheck(torch.ops.tenvoo_fast.adapted_backward.default,
                           (torch.randn(1, shape[0], 4, 2, 4), x.detach(), base, frozen,
                            [c.detach() for c in cores], bias.detach(), True, True, net.equation,
-                           net.scale, [1, 1, 1, 1, 0, 1, 1, 1, 1]))
+                           net.scale, [1, 1, 1, 1, 0, 1, 1, 1, 1], kernel))
     qnet = NETWORKS["quanta-rank"]()
     qcores = [torch.randn(c.contraction_shape, requires_grad=True) for c in qnet.cores]
     qshape = list(qnet.weight_shape)
     torch.library.opcheck(torch.ops.tenvoo_fast.adapted_linear.default,
                           (torch.randn(2, 3, qshape[1], requires_grad=True),
                            torch.randn(qshape) * 0.02, None, qcores, None, qnet.equation,
-                           qnet.scale))
+                           qnet.scale, kernel))
 
 
 def test_torch_compile_inductor(seeded):

@@ -1,0 +1,79 @@
+"""The triton backend against the fp64 oracle: on the GPU when there is one, else in Triton's
+interpreter on CPU tensors (tiny shapes: the interpreter runs one program at a time)."""
+import pytest
+import torch
+from torch import nn
+
+from test_modules import (CONV_MAKERS, LINEAR_MAKERS, TOL, check_against_oracle, realistic_conv,
+                          train_a_little)
+from tenvoo_fast import TenVOOConv3d, use_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter computes bf16 wrongly (kernels.md): bf16 is checked on the GPU (test_cuda.py).
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(seeded):
+    with use_backend("triton"):
+        yield
+
+
+@pytest.mark.parametrize("method", list(CONV_MAKERS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_forward_and_grads(method, dtype):
+    layer = train_a_little(CONV_MAKERS[method](realistic_conv(12, 10, (3, 1, 3), dtype), 3))
+    check_against_oracle(layer, torch.randn(2, 12, 4, 3, 5, dtype=dtype), "conv", TOL[dtype])
+
+
+@pytest.mark.parametrize("cin,cout", [(8, 8), (32, 16), (6, 20)])
+@pytest.mark.parametrize("variant", ["L", "Q"])
+def test_tenvoo_odd_and_small_ddpm_shapes(cin, cout, variant):
+    layer = train_a_little(TenVOOConv3d.from_conv(realistic_conv(cin, cout), 3, variant))
+    check_against_oracle(layer, torch.randn(1, cin, 3, 3, 2), "conv", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_forward_and_grads(method, dtype):
+    layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(24, 12, dtype=dtype), 3))
+    check_against_oracle(layer, torch.randn(2, 5, 24, dtype=dtype), "linear", TOL[dtype])
+
+
+@pytest.mark.parametrize("variant", ["L", "Q"])
+def test_identical_to_base_at_init(variant):
+    """The fused W + (T(θ) - T(θ0)) is exactly W at θ = θ0 (FMA contraction is off)."""
+    conv = realistic_conv(8, 12)
+    layer = TenVOOConv3d.from_conv(conv, 3, variant)
+    x = torch.randn(1, 8, 4, 3, 3)
+    assert torch.equal(layer.effective_weight(), conv.weight.detach())
+    assert torch.equal(layer(x), conv(x))
+
+
+def test_torch_compile_fullgraph():
+    layer = train_a_little(TenVOOConv3d.from_conv(nn.Conv3d(6, 8, 3, padding=1), 2, "Q"))
+    x = torch.randn(1, 6, 3, 3, 3, requires_grad=True)
+    eager = layer(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(compiled, eager)
+    compiled.sum().backward()
+    assert all(p.grad is not None for p in layer.cores)
+
+
+def test_check_kernels_compiles_everything_for_sm80_and_sm90():
+    """``tenvoo-fast check-kernels`` (a fresh process: the kernels must not be interpreted)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-m", "tenvoo_fast.cli", "check-kernels",
+                          "--arch", "80,90"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0, run.stdout + run.stderr
+    for kernel in ("build_kernel", "grad_left_kernel", "grad_right_kernel"):
+        for arch in (80, 90):
+            assert any(l.startswith(f"ok      sm_{arch}  {kernel}[") for l in lines), (kernel, arch)
+    assert not any(l.startswith("failed") for l in lines)
+    assert lines[-1] == "check-kernels: all ok"

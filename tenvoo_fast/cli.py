@@ -255,7 +255,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/evaluate/evaluation.json", metavar="FILE",
                     help="output JSON file")
     ev.set_defaults(func=_cmd_evaluate)
+
+    ck = commands.add_parser(
+        "check-kernels", help="compile every Triton kernel ahead of time (no GPU needed)",
+        description="Compile every Triton kernel, in every configuration the dispatch can "
+                    "launch, for each architecture; print one line per kernel and "
+                    "architecture (ok/failed); exit 1 if any failed.",
+        formatter_class=_HelpFormatter)
+    ck.add_argument("--arch", type=_arch_list, default="80,90",
+                    help="comma-separated compute capabilities, e.g. 80,90")
+    ck.set_defaults(func=_cmd_check_kernels)
     return parser
+
+
+def _arch_list(text: str) -> list[int]:
+    try:
+        archs = [int(a) for a in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give compute capabilities as integers, "
+                                         "e.g. 80,90") from None
+    if not archs:
+        raise argparse.ArgumentTypeError("name at least one architecture")
+    return archs
+
+
+def _cmd_check_kernels(args: argparse.Namespace) -> int:
+    """Compile the Triton kernels for ``--arch``; 1 if any failed."""
+    from . import check_kernels
+    failures = check_kernels.run(args.arch)
+    print(f"check-kernels: {'all ok' if not failures else f'{failures} failed'}")
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:

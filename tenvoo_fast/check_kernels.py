@@ -1,0 +1,68 @@
+"""``tenvoo-fast check-kernels``: compile every Triton kernel ahead of time, without a GPU.
+
+Each kernel is compiled (``triton.compile`` of an ``ASTSource`` for a ``GPUTarget``) in every
+configuration the dispatch can launch: each constexpr combination and each dtype of the weight,
+the base weight and dL/dW, for each requested architecture. This catches what the interpreter
+cannot (dot shape rules, layouts, shared-memory limits). One line per kernel configuration and
+architecture; the exit status is non-zero if any failed.
+"""
+from __future__ import annotations
+
+import itertools
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def configurations():
+    """(name, kernel, signature, constexprs) for every configuration the launchers use."""
+    from .triton_kernels import last_step as k
+    blocks = dict(BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_K=k.BLOCK_K)
+    ints = dict(M="i32", N="i32", K="i32", scale="fp32")
+    for effective, frozen, scaled, dt in itertools.product((False, True), (False, True),
+                                                          (False, True), DTYPES):
+        if not effective and (frozen or dt != "fp32"):
+            continue  # ΔW alone is always fp32, without a frozen copy
+        sig = dict(left="*fp32", right="*fp32", off_b="*i64", off_m="*i64", off_n="*i64",
+                   base=f"*{dt}", frozen="*fp32", out=f"*{dt}", **ints,
+                   EFFECTIVE="constexpr", HAS_FROZEN="constexpr", HAS_SCALE="constexpr",
+                   **{b: "constexpr" for b in blocks})
+        consts = dict(EFFECTIVE=effective, HAS_FROZEN=frozen, HAS_SCALE=scaled, **blocks)
+        name = (f"build_kernel[{'effective' if effective else 'delta'}"
+                f"{',frozen' if frozen else ''}{',scale' if scaled else ''},{dt}]")
+        yield name, k.build_kernel, sig, consts
+    for fn, other, out in ((k.grad_left_kernel, "right", "grad_left"),
+                           (k.grad_right_kernel, "left", "grad_right")):
+        for scaled, dt in itertools.product((False, True), DTYPES):
+            sig = {"grad": f"*{dt}", other: "*fp32", "off_b": "*i64", "off_m": "*i64",
+                   "off_n": "*i64", out: "*fp32", **ints, "HAS_SCALE": "constexpr",
+                   **{b: "constexpr" for b in blocks}}
+            consts = dict(HAS_SCALE=scaled, **blocks)
+            yield f"{fn.__name__}[{'scale,' if scaled else ''}{dt}]", fn, sig, consts
+
+
+def compile_one(fn, signature, constexprs, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from .triton_kernels.last_step import NUM_WARPS
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=NUM_WARPS, enable_fp_fusion=False))
+
+
+def run(archs: list[int]) -> int:
+    """Compile everything for ``archs``; print one line each; return the number of failures."""
+    failures = 0
+    for name, fn, sig, consts in configurations():
+        for arch in archs:
+            try:
+                compiled = compile_one(fn, sig, consts, arch)
+                regs = compiled.n_regs if hasattr(compiled, "n_regs") else None
+                extra = f" ({compiled.metadata.shared} B shared)" if regs is None else ""
+                print(f"ok      sm_{arch}  {name}{extra}", flush=True)
+            except Exception as e:  # report every failure, then exit non-zero
+                failures += 1
+                msg = str(e).strip().splitlines()
+                print(f"failed  sm_{arch}  {name}: {msg[-1] if msg else type(e).__name__}",
+                      flush=True)
+    return failures

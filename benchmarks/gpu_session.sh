@@ -17,7 +17,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null || exit 1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # no install: the device has no network
 python3 - <<'PY' | tee "$OUT/environment.txt"
 import datetime, torch, triton, monai, tenvoo_fast
 print(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -27,7 +27,7 @@ print(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 PY
 cli="python3 -m tenvoo_fast.cli"
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout 300 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs 2>&1 \
+  timeout 300 python3 -m pytest tests/test_cuda.py tests/test_triton.py -q -p no:cacheprovider -rs 2>&1 \
     | tee "$OUT/tests.log" | tail -5
 fi
 if [[ ,$STAGES, == *,layers,* ]]; then
@@ -37,12 +37,13 @@ if [[ ,$STAGES, == *,layers,* ]]; then
 fi
 if [[ ,$STAGES, == *,paper,* ]]; then
   common="--preset paper --amp bf16 --accum 1 --steps $STEPS --device cuda"
-  timeout 420 $cli profile $common --methods full,lora,tenvoo-l,tenvoo-q --out runs/paper 2>&1 \
+  timeout 420 $cli profile $common --methods ${PAPER_METHODS:-full,lora,tenvoo-l,tenvoo-q} \
+    --out runs/paper 2>&1 \
     | grep -v "it/s\]$" | tail -12
   timeout 240 $cli profile ${common/--steps $STEPS/--steps 12} --methods tenvoo-l,tenvoo-q \
     --backend reference \
     --out runs/paper-reference 2>&1 | tail -6
-  timeout 180 $cli finetune --preset paper --amp bf16 --accum 1 --steps 6 --device cuda \
+  [[ ${TRACE:-1} == 1 ]] && timeout 180 $cli finetune --preset paper --amp bf16 --accum 1 --steps 6 --device cuda \
     --method tenvoo-l --profile --out runs/paper-trace 2>&1 | tail -4
   tar czf "$OUT/paper.tgz" runs/paper*/profile.* runs/paper*/*/metrics.json \
     runs/paper-trace/metrics.json runs/paper-trace/profile.txt 2>/dev/null

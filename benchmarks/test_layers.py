@@ -69,7 +69,9 @@ def test_plain_conv(benchmark, shape, peer):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
-@pytest.mark.parametrize("backend", ["reference", "recompute", "auto"])
+# triton on the CPU would be its interpreter (a numerics check, not a speed): GPU only.
+@pytest.mark.parametrize("backend", ["reference", "recompute", "auto"]
+                         + (["triton"] if DEVICE == "cuda" else []))
 def test_tenvoo_conv(benchmark, shape, adapter, backend):
     cin, cout, vol = SHAPES[shape]
     variant, rank = ADAPTERS[adapter]

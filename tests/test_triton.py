@@ -8,17 +8,21 @@ from test_modules import (CONV_MAKERS, LINEAR_MAKERS, TOL, check_against_oracle,
                           train_a_little)
 from tenvoo_fast import TenVOOConv3d, use_backend
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes bf16 wrongly (kernels.md): bf16 is checked on the GPU (test_cuda.py).
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DTYPES = [torch.float32, torch.float16]
+# These run CPU tensors through the interpreter; on a GPU, test_cuda.py checks the backend.
+interpreted = pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="GPU present: tests/test_cuda.py covers triton there")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def triton_backend(seeded):
     with use_backend("triton"):
         yield
 
 
+@interpreted
+@pytest.mark.usefixtures("triton_backend")
 @pytest.mark.parametrize("method", list(CONV_MAKERS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_conv_forward_and_grads(method, dtype):
@@ -26,6 +30,8 @@ def test_conv_forward_and_grads(method, dtype):
     check_against_oracle(layer, torch.randn(2, 12, 4, 3, 5, dtype=dtype), "conv", TOL[dtype])
 
 
+@interpreted
+@pytest.mark.usefixtures("triton_backend")
 @pytest.mark.parametrize("cin,cout", [(8, 8), (32, 16), (6, 20)])
 @pytest.mark.parametrize("variant", ["L", "Q"])
 def test_tenvoo_odd_and_small_ddpm_shapes(cin, cout, variant):
@@ -33,6 +39,8 @@ def test_tenvoo_odd_and_small_ddpm_shapes(cin, cout, variant):
     check_against_oracle(layer, torch.randn(1, cin, 3, 3, 2), "conv", TOL[torch.float32])
 
 
+@interpreted
+@pytest.mark.usefixtures("triton_backend")
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_linear_forward_and_grads(method, dtype):
@@ -40,6 +48,8 @@ def test_linear_forward_and_grads(method, dtype):
     check_against_oracle(layer, torch.randn(2, 5, 24, dtype=dtype), "linear", TOL[dtype])
 
 
+@interpreted
+@pytest.mark.usefixtures("triton_backend")
 @pytest.mark.parametrize("variant", ["L", "Q"])
 def test_identical_to_base_at_init(variant):
     """The fused W + (T(θ) - T(θ0)) is exactly W at θ = θ0 (FMA contraction is off)."""
@@ -50,6 +60,8 @@ def test_identical_to_base_at_init(variant):
     assert torch.equal(layer(x), conv(x))
 
 
+@interpreted
+@pytest.mark.usefixtures("triton_backend")
 def test_torch_compile_fullgraph():
     layer = train_a_little(TenVOOConv3d.from_conv(nn.Conv3d(6, 8, 3, padding=1), 2, "Q"))
     x = torch.randn(1, 6, 3, 3, 3, requires_grad=True)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import environment, simplify
-from .reference import contraction_dtype, contraction_expression
+from . import environment, last_step, simplify
+from .reference import contraction_dtype
 
 
 def _reduced(cores: list[Tensor], equation: str):
@@ -40,27 +40,22 @@ def _stored_grads(p, grads, cores) -> list[Tensor]:
             for i, (g, c) in enumerate(zip(grads, cores))]
 
 
-def _triton():
-    from .triton_kernels import launch
-    return launch
-
-
-def _last_layout(step, nodes):
-    left, right = nodes[step.left], nodes[step.right]
-    return _triton().layout(step.left_idx, tuple(left.shape), step.right_idx,
-                            tuple(right.shape), step.out_idx), left, right
+def _last_step(kernel: str):
+    """The module that runs the weight-sized steps: pure torch, or the Triton kernels."""
+    if kernel == "triton":
+        from .triton_kernels import launch
+        return launch
+    if kernel != "torch":
+        raise ValueError(f"unknown kernel {kernel!r}: 'torch' or 'triton'")
+    return last_step
 
 
 def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float,
               kernel: str) -> Tensor:
     p, dtype, reduced = _reduced(cores, equation)
-    if kernel == "triton":
-        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
-        lay, left, right = _last_layout(steps[-1], nodes)
-        return _triton().build(lay, left, right, weight_shape, scale)
-    out = contraction_expression(p.equation, tuple(tuple(c.shape) for c in reduced))(
-        *reduced, backend="torch").reshape(weight_shape)
-    return out * scale if scale != 1.0 else out
+    steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+    lay, left, right = last_step.step_layout(steps[-1], nodes)
+    return _last_step(kernel).build(lay, left, right, weight_shape, scale)
 
 
 # -- build_delta ---------------------------------------------------------------------------------
@@ -85,20 +80,16 @@ def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str
     """dL/dcore_k for every core, given dL/dΔW (environment contraction, nothing saved)."""
     with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
         p, dtype, reduced = _reduced(cores, equation)
-        steps, nodes = environment.forward_tree(p.equation, reduced,
-                                                skip_last=kernel == "triton")
-        grads = _reverse(steps, nodes, reduced, grad_weight, scale, kernel, dtype)
+        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+        grads = _reverse(steps, nodes, reduced, grad_weight, scale, kernel)
         return _stored_grads(p, grads, cores)
 
 
-def _reverse(steps, nodes, reduced, grad_weight, scale, kernel, dtype):
+def _reverse(steps, nodes, reduced, grad_weight, scale, kernel):
     """The reverse sweep from dL/dW; its first (weight-sized) step by ``kernel``."""
-    if kernel == "triton":
-        lay, left, right = _last_layout(steps[-1], nodes)
-        last = _triton().grads(lay, grad_weight, left, right, scale)
-        return environment.reverse_tree(steps, nodes, len(reduced), None, last)
-    g = grad_weight.to(dtype)
-    return environment.reverse_tree(steps, nodes, len(reduced), g * scale if scale != 1.0 else g)
+    lay, left, right = last_step.step_layout(steps[-1], nodes)
+    last = _last_step(kernel).grads(lay, grad_weight, left, right, scale)
+    return environment.reverse_tree(steps, nodes, len(reduced), None, last)
 
 
 @weight_grad_to_cores.register_fake
@@ -109,23 +100,19 @@ def _(grad_weight, cores, equation, weight_shape, scale, kernel):
 # -- adapted layers ------------------------------------------------------------------------------
 def _effective(base, frozen_delta, cores, equation, weight_shape, scale, kernel,
                out_dtype) -> Tensor:
-    """W + (T(θ) - T(θ0)), formed in fp32 (fp64) and cast to ``out_dtype`` last: by the torch
-    kernel in place on the freshly built ΔW, or in one fused Triton pass."""
+    """W + (T(θ) - T(θ0)), formed in fp32 (fp64) and cast to ``out_dtype`` last, the last
+    contraction step fused with the fold (one pass over the weight)."""
     with torch.autocast(base.device.type, enabled=False), torch.no_grad():
-        if kernel == "triton":
-            p, _, reduced = _reduced(cores, equation)
-            steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
-            return _fused_effective(steps, nodes, base, frozen_delta, weight_shape, scale,
+        p, _, reduced = _reduced(cores, equation)
+        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+        return _fused_effective(steps, nodes, base, frozen_delta, weight_shape, scale, kernel,
+                                out_dtype)
+
+
+def _fused_effective(steps, nodes, base, frozen_delta, weight_shape, scale, kernel, out_dtype):
+    lay, left, right = last_step.step_layout(steps[-1], nodes)
+    return _last_step(kernel).build(lay, left, right, weight_shape, scale, base, frozen_delta,
                                     out_dtype)
-        w = _contract(cores, equation, weight_shape, scale, "torch")
-        if frozen_delta is not None:
-            w.sub_(frozen_delta)
-        return w.add_(base).to(out_dtype)
-
-
-def _fused_effective(steps, nodes, base, frozen_delta, weight_shape, scale, out_dtype):
-    lay, left, right = _last_layout(steps[-1], nodes)
-    return _triton().build(lay, left, right, weight_shape, scale, base, frozen_delta, out_dtype)
 
 
 @torch.library.custom_op("tenvoo_fast::adapted_conv3d", mutates_args=())
@@ -175,18 +162,9 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         shape = list(base.shape)
         p, dtype, reduced = _reduced(cores, equation)
-        fused = kernel == "triton"
-        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=fused)
-        if not need_x:
-            w = None
-        elif fused:
-            w = _fused_effective(steps, nodes, base, frozen_delta, shape, scale, x.dtype)
-        else:
-            w = nodes[len(reduced) + len(steps) - 1].reshape(shape)
-            w = w * scale if scale != 1.0 else w.clone()
-            if frozen_delta is not None:
-                w.sub_(frozen_delta)
-            w = w.add_(base).to(x.dtype)
+        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+        w = (_fused_effective(steps, nodes, base, frozen_delta, shape, scale, kernel, x.dtype)
+             if need_x else None)
         g = grad_out.to(x.dtype)
         if conv:
             stride, padding, dilation = conv[0:3], conv[3:6], conv[6:9]
@@ -198,7 +176,7 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
             gw = g2.t().matmul(x2)
             gx = g.matmul(w) if need_x else None
             gb = g2.sum(0) if need_bias else None
-        grads = _reverse(steps, nodes, reduced, gw, scale, kernel, dtype)
+        grads = _reverse(steps, nodes, reduced, gw, scale, kernel)
         core_grads = _stored_grads(p, grads, cores)
         empty = x.new_empty(0)
         return [gx.contiguous() if gx is not None else empty,

@@ -1,0 +1,133 @@
+"""The weight-sized step of an adapter's contraction, as a batched GEMM (fast-path design 1).
+
+Every pairwise step of the contraction tree is small except the last, whose output is the
+weight, and the first step of the reverse sweep, whose input is dL/dW. Both are batched GEMMs
+``T[b, m, n] = sum_k L[b, m, k] R[b, k, n]``: letters in both operands and the output are the
+batch (b), output letters of one operand only are rows (m, left) or columns (n, right), letters
+in both operands but not the output are the bond (k). The weight interleaves row and column
+letters, so it is a permuted view of ``T``.
+
+This module holds that analysis (:func:`layout`) and the pure-torch kernels, which touch the
+weight as few times as the math allows: :func:`build` writes ``W + (scale*T - T0)`` in one
+pass from the GEMM's output (the permutation fused into the subtraction), and :func:`grads`
+reads dL/dW once (permuted and cast to fp32 together) for both operands' gradients. The Triton
+kernels (:mod:`tenvoo_fast.triton_kernels.launch`) implement the same two functions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    batch: str
+    rows: str
+    cols: str
+    bond: str
+    sizes: tuple[tuple[str, int], ...]
+    left_idx: str
+    right_idx: str
+    out_idx: str
+
+    def size(self, letters: str) -> int:
+        d = dict(self.sizes)
+        return math.prod(d[l] for l in letters)
+
+    def shape(self, letters: str) -> list[int]:
+        d = dict(self.sizes)
+        return [d[l] for l in letters]
+
+    @property
+    def gemm(self) -> tuple[int, int, int, int]:
+        """(B, M, N, K)."""
+        return tuple(self.size(g) for g in (self.batch, self.rows, self.cols, self.bond))
+
+
+@lru_cache(maxsize=None)
+def layout(left_idx: str, left_shape: tuple, right_idx: str, right_shape: tuple,
+           out_idx: str) -> Layout:
+    sizes = dict(zip(left_idx, left_shape))
+    sizes.update(zip(right_idx, right_shape))
+    batch = "".join(l for l in out_idx if l in left_idx and l in right_idx)
+    rows = "".join(l for l in out_idx if l in left_idx and l not in right_idx)
+    cols = "".join(l for l in out_idx if l in right_idx and l not in left_idx)
+    bond = "".join(l for l in left_idx if l in right_idx and l not in out_idx)
+    stray = set(left_idx + right_idx) - set(batch + rows + cols + bond)
+    if stray:
+        raise ValueError(f"last step {left_idx},{right_idx}->{out_idx}: letters {stray} are "
+                         "summed inside one operand (pre-reduce them first)")
+    return Layout(batch, rows, cols, bond, tuple(sorted(sizes.items())), left_idx, right_idx,
+                  out_idx)
+
+
+def step_layout(step, nodes):
+    """(layout, left, right) of a contraction tree's last step."""
+    left, right = nodes[step.left], nodes[step.right]
+    return layout(step.left_idx, tuple(left.shape), step.right_idx, tuple(right.shape),
+                  step.out_idx), left, right
+
+
+def _order(src: str, dst: str) -> list[int]:
+    return [src.index(l) for l in dst]
+
+
+def operands(lay: Layout, left: torch.Tensor, right: torch.Tensor, dtype=None):
+    """The operands as contiguous (B, M, K) and (B, K, N) matrices."""
+    B, M, N, K = lay.gemm
+    a = left.permute(_order(lay.left_idx, lay.batch + lay.rows + lay.bond)).reshape(B, M, K)
+    b = right.permute(_order(lay.right_idx, lay.batch + lay.bond + lay.cols)).reshape(B, K, N)
+    if dtype is not None:
+        a, b = a.to(dtype), b.to(dtype)
+    return a.contiguous(), b.contiguous()
+
+
+def unmatrix(t: torch.Tensor, lay: Layout, order: str, idx: str) -> torch.Tensor:
+    """A (B, ., .) matrix back to an operand's letters ``idx``."""
+    return t.reshape(lay.shape(order)).permute(_order(order, idx))
+
+
+def build(lay: Layout, left, right, weight_shape, scale: float, base=None, frozen=None,
+          out_dtype=None) -> torch.Tensor:
+    """``scale*T`` (``base`` None), else ``W + (scale*T - T0)`` cast to ``out_dtype``; in the
+    contraction dtype, the weight written once."""
+    a, b = operands(lay, left, right)
+    t = torch.bmm(a, b)
+    if scale != 1.0:
+        t.mul_(scale)
+    view = t.reshape(lay.shape(lay.batch + lay.rows + lay.cols)).permute(
+        _order(lay.batch + lay.rows + lay.cols, lay.out_idx))
+    out = torch.empty(lay.shape(lay.out_idx), dtype=t.dtype, device=t.device)
+    if base is None:
+        out.copy_(view)
+    else:
+        frozen_ = frozen.reshape(out.shape) if frozen is not None else None
+        if frozen_ is not None:
+            torch.sub(view, frozen_, out=out)
+        else:
+            out.copy_(view)
+        out.add_(base.reshape(out.shape))
+    out = out.reshape(weight_shape)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def grads(lay: Layout, grad_weight, left, right, scale: float):
+    """Gradients of ``<grad_weight, scale*T>`` w.r.t. the two operands (contraction dtype)."""
+    B, M, N, K = lay.gemm
+    dtype = left.dtype
+    a, b = operands(lay, left, right)
+    g = torch.empty(lay.shape(lay.batch + lay.rows + lay.cols), dtype=dtype,
+                    device=grad_weight.device)
+    g.copy_(grad_weight.reshape(lay.shape(lay.out_idx)).permute(
+        _order(lay.out_idx, lay.batch + lay.rows + lay.cols)))
+    g = g.reshape(B, M, N)
+    ga = torch.bmm(g, b.transpose(1, 2))
+    gb = torch.bmm(a.transpose(1, 2), g)
+    if scale != 1.0:
+        ga.mul_(scale)
+        gb.mul_(scale)
+    return (unmatrix(ga, lay, lay.batch + lay.rows + lay.bond, lay.left_idx),
+            unmatrix(gb, lay, lay.batch + lay.bond + lay.cols, lay.right_idx))

@@ -102,7 +102,12 @@ def test_sample_model_matches_the_finetuned_one(finetuned):
     adapted = load_adapter(base_unet("tiny"), finetuned / "adapter.safetensors").eval()
     x, t = torch.randn(1, 1, 16, 16, 16), torch.tensor([500])
     with torch.no_grad():
-        assert torch.allclose(merged(x, t), adapted(x, t), atol=1e-5)
+        a, b = merged(x, t), adapted(x, t)
+    # fp32 through ~60 adapted layers whose ΔW is contracted in different orders (merge by the
+    # reference, training by recompute). W = W0 + (T - T0) with |T| ~ 50|W0|, so each layer's
+    # weight carries ~1e-7 * 50 relative rounding; measured 2.5e-5 at the output. A wrong merge
+    # (e.g. a missing T0) is off by O(1).
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
 
 
 def test_sample_missing_adapter_fails_cleanly(tmp_path, capsys):

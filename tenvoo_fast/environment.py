@@ -63,41 +63,31 @@ def _grad_operand(g_out: torch.Tensor, out_idx: str, other: torch.Tensor, other_
     return g
 
 
-def forward_tree(equation: str, cores: Sequence[torch.Tensor], skip_last: bool = False):
-    """Contract along the planned tree; returns (steps, nodes), nodes[-1 step] being the result.
-
-    ``skip_last``: stop before the last (weight-sized) step, for a kernel that fuses it.
-    """
+def forward_tree(equation: str, cores: Sequence[torch.Tensor]):
+    """Contract along the planned tree up to, not including, its last (weight-sized) step,
+    which a fused kernel runs; returns (steps, nodes of the partial products)."""
     steps = sweep_plan(equation, tuple(tuple(c.shape) for c in cores))
     nodes = {i: c for i, c in enumerate(cores)}
     n = len(cores)
-    for k, s in enumerate(steps[:-1] if skip_last else steps):
+    for k, s in enumerate(steps[:-1]):
         nodes[n + k] = torch.einsum(f"{s.left_idx},{s.right_idx}->{s.out_idx}",
                                     nodes[s.left], nodes[s.right])
     return steps, nodes
 
 
-def reverse_tree(steps, nodes: dict, n_cores: int, grad_out: torch.Tensor | None,
-                 last_operand_grads=None) -> list[torch.Tensor]:
-    """Reverse sweep of :func:`forward_tree`: gradients of <grad_out, result> for every core.
+def reverse_tree(steps, nodes: dict, n_cores: int, last_operand_grads) -> list[torch.Tensor]:
+    """Reverse sweep of :func:`forward_tree`: every core's gradient,
+    given the gradients of the last (weight-sized) step's two operands, which a fused kernel
+    (:mod:`tenvoo_fast.last_step` or the Triton one) computes from dL/dW.
 
-    ``last_operand_grads``: the gradients of the last step's two operands, when a fused kernel
-    took the first reverse step (then ``grad_out`` is unused and the tree ran ``skip_last``).
     Consumes ``nodes``: each partial product is freed as soon as its sweep is done.
     """
     n = n_cores
-    last = n + len(steps) - 1
-    if last_operand_grads is None:
-        grads = {last: grad_out.reshape(nodes[last].shape)}
-        del nodes[last]
-        first = len(steps) - 1
-    else:
-        s = steps[-1]
-        grads = {}
-        for target, g in zip((s.left, s.right), last_operand_grads):
-            grads[target] = grads[target] + g if target in grads else g
-        first = len(steps) - 2
-    for k in range(first, -1, -1):
+    s = steps[-1]
+    grads = {}
+    for target, g in zip((s.left, s.right), last_operand_grads):
+        grads[target] = grads[target] + g if target in grads else g
+    for k in range(len(steps) - 2, -1, -1):
         s = steps[k]
         g = grads.pop(n + k)
         for target, tidx, other, oidx in ((s.left, s.left_idx, s.right, s.right_idx),
@@ -106,10 +96,3 @@ def reverse_tree(steps, nodes: dict, n_cores: int, grad_out: torch.Tensor | None
             grads[target] = grads[target] + gt if target in grads else gt
         nodes.pop(n + k, None)
     return [grads[i] for i in range(n)]
-
-
-def core_gradients(equation: str, cores: Sequence[torch.Tensor],
-                   grad_out: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients of ``<grad_out, einsum(equation, *cores)>`` w.r.t. every core."""
-    steps, nodes = forward_tree(equation, cores)
-    return reverse_tree(steps, nodes, len(cores), grad_out)

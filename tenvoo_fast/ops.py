@@ -53,7 +53,7 @@ def _last_step(kernel: str):
 def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float,
               kernel: str) -> Tensor:
     p, dtype, reduced = _reduced(cores, equation)
-    steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+    steps, nodes = environment.forward_tree(p.equation, reduced)
     lay, left, right = last_step.step_layout(steps[-1], nodes)
     return _last_step(kernel).build(lay, left, right, weight_shape, scale)
 
@@ -80,7 +80,7 @@ def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str
     """dL/dcore_k for every core, given dL/dΔW (environment contraction, nothing saved)."""
     with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
         p, dtype, reduced = _reduced(cores, equation)
-        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+        steps, nodes = environment.forward_tree(p.equation, reduced)
         grads = _reverse(steps, nodes, reduced, grad_weight, scale, kernel)
         return _stored_grads(p, grads, cores)
 
@@ -89,7 +89,7 @@ def _reverse(steps, nodes, reduced, grad_weight, scale, kernel):
     """The reverse sweep from dL/dW; its first (weight-sized) step by ``kernel``."""
     lay, left, right = last_step.step_layout(steps[-1], nodes)
     last = _last_step(kernel).grads(lay, grad_weight, left, right, scale)
-    return environment.reverse_tree(steps, nodes, len(reduced), None, last)
+    return environment.reverse_tree(steps, nodes, len(reduced), last)
 
 
 @weight_grad_to_cores.register_fake
@@ -104,7 +104,7 @@ def _effective(base, frozen_delta, cores, equation, weight_shape, scale, kernel,
     contraction step fused with the fold (one pass over the weight)."""
     with torch.autocast(base.device.type, enabled=False), torch.no_grad():
         p, _, reduced = _reduced(cores, equation)
-        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+        steps, nodes = environment.forward_tree(p.equation, reduced)
         return _fused_effective(steps, nodes, base, frozen_delta, weight_shape, scale, kernel,
                                 out_dtype)
 
@@ -162,7 +162,7 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         shape = list(base.shape)
         p, dtype, reduced = _reduced(cores, equation)
-        steps, nodes = environment.forward_tree(p.equation, reduced, skip_last=True)
+        steps, nodes = environment.forward_tree(p.equation, reduced)
         w = (_fused_effective(steps, nodes, base, frozen_delta, shape, scale, kernel, x.dtype)
              if need_x else None)
         g = grad_out.to(x.dtype)

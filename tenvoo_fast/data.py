@@ -40,21 +40,22 @@ class PhantomVolumes(Dataset):
         return self._cache[index]
 
 
-def nifti_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
+def nifti_files(folder: str | Path, flag: str = "--data") -> tuple[list[Path], list[Path]]:
     """The ``.nii``/``.nii.gz`` files in ``folder`` (sorted) and the other entries in it.
 
-    Raises :class:`RunError` if the folder is missing or holds no NIfTI file, or if any NIfTI
-    file's header cannot be read or does not describe one 3D volume.
+    Raises :class:`RunError`, naming the command-line ``flag`` that gave the folder, if the
+    folder is missing or holds no NIfTI file, or if any NIfTI file's header cannot be read or
+    does not describe one 3D volume.
     """
     import nibabel
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise RunError(f"--data {folder}: no such folder")
+        raise RunError(f"{flag} {folder}: no such folder")
     entries = sorted(folder.iterdir())
     files = [p for p in entries if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)]
     if not files:
-        raise RunError(f"--data {folder}: no NIfTI files (.nii, .nii.gz) in this folder")
+        raise RunError(f"{flag} {folder}: no NIfTI files (.nii, .nii.gz) in this folder")
     for path in files:
         try:
             shape = nibabel.load(path).header.get_data_shape()

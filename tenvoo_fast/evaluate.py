@@ -58,19 +58,6 @@ NOT_COMPUTED = ("FID and MMD were not computed: they need the weights of a pretr
 # Volumes
 
 
-def _folder_files(folder: str | Path, flag: str) -> tuple[list[Path], list[Path]]:
-    """:func:`tenvoo_fast.data.nifti_files`, with its messages naming ``flag`` (not --data)."""
-    from .data import nifti_files
-
-    try:
-        return nifti_files(folder)
-    except RunError as e:
-        message = str(e)
-        if message.startswith("--data "):
-            raise RunError(flag + message[len("--data"):]) from e
-        raise
-
-
 def ras_shape(path: Path) -> tuple[int, int, int]:
     """The shape of the 3D volume in ``path`` once reoriented to RAS (as data.py loads it)."""
     import nibabel
@@ -237,10 +224,11 @@ def run(opts: argparse.Namespace) -> dict:
     """Evaluate ``opts.generated`` against ``opts.reference`` (the ``tenvoo-fast evaluate``
     options), write ``opts.out`` and return what it holds."""
     from . import finetune
+    from .data import nifti_files
 
     device = torch.device(opts.device)
-    gen_files, gen_other = _folder_files(opts.generated, "--generated")
-    ref_files, ref_other = _folder_files(opts.reference, "--reference")
+    gen_files, gen_other = nifti_files(opts.generated, "--generated")
+    ref_files, ref_other = nifti_files(opts.reference, "--reference")
     weights = getattr(opts, "feature_weights", None)
     model = feature_network(weights, device) if weights else None  # fail before the slow part
     if model is not None and (len(gen_files) < 2 or len(ref_files) < 2):

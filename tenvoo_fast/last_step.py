@@ -134,12 +134,15 @@ def build(lay: Layout, left, right, weight_shape, scale: float, base=None, froze
           out_dtype=None) -> torch.Tensor:
     """``scale*T`` (``base`` None), else ``W + (scale*T - T0)`` cast to ``out_dtype``; in the
     contraction dtype, the weight written once."""
+    shape = lay.shape(lay.out_idx)
     form = sandwich(lay)
     if form is not None:
         m, o, _, _ = _sandwich_operands(lay, form, left, right)
-        view = torch.matmul(m, o)              # (P, Y, S): the weight's own layout
+        out = torch.matmul(m, o).reshape(shape)   # (P, Y, S) is the weight's own layout
         if scale != 1.0:
-            view.mul_(scale)
+            out.mul_(scale)
+        if base is not None and frozen is not None:
+            out.sub_(frozen.reshape(shape))
     else:
         a, b = operands(lay, left, right)
         t = torch.bmm(a, b)
@@ -147,20 +150,13 @@ def build(lay: Layout, left, right, weight_shape, scale: float, base=None, froze
             t.mul_(scale)
         view = t.reshape(lay.shape(lay.batch + lay.rows + lay.cols)).permute(
             _order(lay.batch + lay.rows + lay.cols, lay.out_idx))
-    if base is None and form is not None:
-        out = view.reshape(weight_shape)
-        return out if out_dtype is None else out.to(out_dtype)
-    view = view.reshape(lay.shape(lay.out_idx)) if form is not None else view
-    out = torch.empty(lay.shape(lay.out_idx), dtype=view.dtype, device=view.device)
-    if base is None:
-        out.copy_(view)
-    else:
-        frozen_ = frozen.reshape(out.shape) if frozen is not None else None
-        if frozen_ is not None:
-            torch.sub(view, frozen_, out=out)
+        out = torch.empty(shape, dtype=t.dtype, device=t.device)
+        if base is not None and frozen is not None:
+            torch.sub(view, frozen.reshape(shape), out=out)   # the permutation, fused
         else:
             out.copy_(view)
-        out.add_(base.reshape(out.shape))
+    if base is not None:
+        out.add_(base.reshape(shape))
     out = out.reshape(weight_shape)
     return out if out_dtype is None else out.to(out_dtype)
 

@@ -55,28 +55,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    """Run :func:`tenvoo_fast.finetune.run` with the parsed options."""
-    finetune.run(args)
-    return 0
-
-
-def _cmd_profile(args: argparse.Namespace) -> int:
-    """Run :func:`tenvoo_fast.profile.run` with the parsed options."""
-    profile_.run(args)
-    return 0
-
-
-def _cmd_sample(args: argparse.Namespace) -> int:
-    """Run :func:`tenvoo_fast.sample.run` with the parsed options."""
-    sample_.run(args)
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    """Run :func:`tenvoo_fast.evaluate.run` with the parsed options."""
-    evaluate_.run(args)
-    return 0
+def _command(run):
+    """A subcommand that calls ``run(args)`` (a module's ``run``) and exits 0."""
+    def command(args: argparse.Namespace) -> int:
+        run(args)
+        return 0
+    command.__doc__ = f"Run :func:`{run.__module__}.run` with the parsed options."
+    return command
 
 
 def _method_list(text: str) -> list[str]:
@@ -166,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", action="store_true",
                      help=f"profile {finetune.PROFILE_STEPS} optimizer steps after a warm-up "
                           "step: DIR/trace.json (Chrome trace) and DIR/profile.txt")
-    ft.set_defaults(func=_cmd_finetune)
+    ft.set_defaults(func=_command(finetune.run))
 
     pr = commands.add_parser(
         "profile", help="several methods side by side: step time, peak memory, parameters",
@@ -200,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     passed.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES), help="autocast dtype")
     passed.add_argument("--backend", help="adapter backend (auto, reference, ...)")
     passed.add_argument("--seed", type=_non_negative_int, help="seed")
-    pr.set_defaults(func=_cmd_profile)
+    pr.set_defaults(func=_command(profile_.run))
 
     sa = commands.add_parser(
         "sample", help="generate volumes from a fine-tuned UNet (adapter merged)",
@@ -228,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device")
     sa.add_argument("--out", default="runs/sample", metavar="DIR", help="output folder")
-    sa.set_defaults(func=_cmd_sample)
+    sa.set_defaults(func=_command(sample_.run))
 
     ev = commands.add_parser(
         "evaluate", help="score generated volumes: MS-SSIM, and FID/MMD with --feature-weights",
@@ -254,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch device")
     ev.add_argument("--out", default="runs/evaluate/evaluation.json", metavar="FILE",
                     help="output JSON file")
-    ev.set_defaults(func=_cmd_evaluate)
+    ev.set_defaults(func=_command(evaluate_.run))
 
     ck = commands.add_parser(
         "check-kernels", help="compile every Triton kernel ahead of time (no GPU needed)",

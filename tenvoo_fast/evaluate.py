@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -125,45 +124,13 @@ def feature_network(path: str | Path, device: torch.device) -> torch.nn.Module:
     holding one under ``"state_dict"``; ``module.`` prefixes (DataParallel) are removed."""
     from monai.networks.nets import resnet50
 
-    path = Path(path)
-    flag = f"--feature-weights {path}"
-    if not path.is_file():
-        raise RunError(f"{flag}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = one_line(e)
-        # torch's weights_only refusal is a paragraph; keep its one informative clause.
-        unpickler = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)",
-                              reason)
-        if unpickler:
-            reason = (f"{unpickler.group(1).rstrip('.')}; only tensors and plain containers "
-                      "are loaded (weights_only=True)")
-        raise RunError(f"{flag}: not a readable torch checkpoint ({reason})") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise RunError(f"{flag}: expected a state dict (names to tensors), or a checkpoint "
-                       f"with one under 'state_dict'; got {type(state).__name__}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    from .weights import load_into
+
     model = resnet50(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="B",
                      bias_downsample=False)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        detail = [f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
-                  f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})"
-                  if unexpected else "",
-                  f"{len(wrong)} keys of another shape (e.g. {wrong[0]}: "
-                  f"{tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)})"
-                  if wrong else ""]
-        raise RunError(f"{flag}: not the weights of a 3D ResNet-50 in Med3D's layout (MONAI "
-                       f"resnet50, 1 input channel, shortcut B, no downsample bias): "
-                       + ", ".join(d for d in detail if d))
-    model.load_state_dict(state, strict=True)
+    load_into(model, path, "--feature-weights",
+              "a 3D ResNet-50 in Med3D's layout (MONAI resnet50, 1 input channel, shortcut B, "
+              "no downsample bias)")
     return model.to(device).eval()
 
 

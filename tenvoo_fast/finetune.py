@@ -41,6 +41,7 @@ from .errors import RunError, one_line
 from .io import atomic_path, write_json_atomic
 from .model import adapter_layers, count_parameters, inject, unwrap
 from .unets import DEFAULT_SIZES, build_unet, downsampling_factor
+from .weights import load_into
 
 #: Methods that inject nothing: every parameter, only biases, only parameters named "norm".
 BASELINES = ("full", "bias", "norm")
@@ -106,7 +107,7 @@ def base_unet(preset: str, base_weights: str | os.PathLike | None = None) -> nn.
     re-initialised. ``tenvoo-fast sample`` builds its base with this too."""
     model = build_unet(preset)
     if base_weights:
-        _load_base_weights(model, Path(base_weights), preset)
+        load_into(model, base_weights, "--base-weights", f"the {preset} UNet")
     else:
         # MONAI zero-initialises the last conv (for training from scratch). Frozen at zero, as
         # in adapter fine-tuning of random base weights, it would stop every gradient.
@@ -266,27 +267,6 @@ def _build_model(opts, resume_from: Path | None) -> nn.Module:
                                     target_modules=list(opts.targets),
                                     trainable=tuple(opts.trainable)))
     return model
-
-
-def _load_base_weights(model: nn.Module, path: Path, preset: str) -> None:
-    if not path.is_file():
-        raise RunError(f"--base-weights {path}: no such file")
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunError(f"--base-weights {path}: not a readable torch file ({one_line(e)})") from e
-    if not isinstance(weights, dict):
-        raise RunError(f"--base-weights {path}: expected a state_dict, found a "
-                       f"{type(weights).__name__}")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise RunError(f"--base-weights {path}: does not fit the {preset} UNet (missing "
-                       f"{len(missing)} keys, e.g. {missing[:3]}; unexpected {len(unexpected)}, "
-                       f"e.g. {unexpected[:3]}; wrong shape {len(wrong)}, e.g. {wrong[:3]})")
-    model.load_state_dict(weights)
 
 
 def _load_trained(model: nn.Module, path: Path) -> None:

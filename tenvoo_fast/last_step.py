@@ -21,6 +21,8 @@ from functools import lru_cache
 
 import torch
 
+from . import workspace
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -133,24 +135,39 @@ def _sandwich_operands(lay, form, left, right):
 def build(lay: Layout, left, right, weight_shape, scale: float, base=None, frozen=None,
           out_dtype=None) -> torch.Tensor:
     """``scale*T`` (``base`` None), else ``W + (scale*T - T0)`` cast to ``out_dtype``; in the
-    contraction dtype, the weight written once."""
+    contraction dtype, the weight written once.
+
+    With ``base`` the result is an effective weight for the caller's own conv/linear, so it
+    lives in :mod:`workspace` scratch (valid until the next build in this thread); without,
+    it is a fresh tensor the caller may keep.
+    """
     shape = lay.shape(lay.out_idx)
+    transient = base is not None
+
+    def buffer(slot, dtype):
+        if transient:
+            return workspace.scratch(slot, shape, dtype, left.device)
+        return torch.empty(shape, dtype=dtype, device=left.device)
+
     form = sandwich(lay)
     if form is not None:
         m, o, _, _ = _sandwich_operands(lay, form, left, right)
-        out = torch.matmul(m, o).reshape(shape)   # (P, Y, S) is the weight's own layout
+        out = buffer("weight", m.dtype)   # (P, Y, S) is the weight's own layout
+        torch.matmul(m, o, out=out.view(o.shape[0], m.shape[0], o.shape[2]))
         if scale != 1.0:
             out.mul_(scale)
         if base is not None and frozen is not None:
             out.sub_(frozen.reshape(shape))
     else:
         a, b = operands(lay, left, right)
-        t = torch.bmm(a, b)
+        t = (workspace.scratch("gemm", lay.gemm[:3], a.dtype, a.device) if transient
+             else torch.empty(lay.gemm[:3], dtype=a.dtype, device=a.device))
+        torch.bmm(a, b, out=t)
         if scale != 1.0:
             t.mul_(scale)
         view = t.reshape(lay.shape(lay.batch + lay.rows + lay.cols)).permute(
             _order(lay.batch + lay.rows + lay.cols, lay.out_idx))
-        out = torch.empty(shape, dtype=t.dtype, device=t.device)
+        out = buffer("weight", t.dtype)
         if base is not None and frozen is not None:
             torch.sub(view, frozen.reshape(shape), out=out)   # the permutation, fused
         else:
@@ -158,7 +175,10 @@ def build(lay: Layout, left, right, weight_shape, scale: float, base=None, froze
     if base is not None:
         out.add_(base.reshape(shape))
     out = out.reshape(weight_shape)
-    return out if out_dtype is None else out.to(out_dtype)
+    if out_dtype is None or out_dtype == out.dtype:
+        return out
+    return (workspace.scratch("cast", weight_shape, out_dtype, out.device) if transient
+            else torch.empty(weight_shape, dtype=out_dtype, device=out.device)).copy_(out)
 
 
 def grads(lay: Layout, grad_weight, left, right, scale: float):
@@ -179,8 +199,8 @@ def grads(lay: Layout, grad_weight, left, right, scale: float):
         g_outer = unmatrix(g_outer, lay, p + lay.bond + s_, outer_idx)
         return (g_mid, g_outer) if mid_side == "left" else (g_outer, g_mid)
     a, b = operands(lay, left, right)
-    g = torch.empty(lay.shape(lay.batch + lay.rows + lay.cols), dtype=dtype,
-                    device=grad_weight.device)
+    g = workspace.scratch("grad", lay.shape(lay.batch + lay.rows + lay.cols), dtype,
+                          grad_weight.device)
     g.copy_(grad_weight.reshape(lay.shape(lay.out_idx)).permute(
         _order(lay.out_idx, lay.batch + lay.rows + lay.cols)))
     g = g.reshape(B, M, N)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tenvoo_fast
-from tenvoo_fast import TenVOOConv3d, use_backend
+from tenvoo_fast import QuanTALinear, TenVOOConv3d, use_backend, use_strategy
 from tenvoo_fast.memory import owned_tensors, saved_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,6 +24,11 @@ GPU_SHAPES = {f"{ci}x{co}@{'x'.join(map(str, v))}": (ci, co, v) for ci, co, v in
     (64, 64, (32, 32, 24)), (128, 128, (16, 16, 12)), (256, 256, (8, 8, 6)),
     (512, 512, (8, 8, 6)), (512, 512, (4, 4, 3)), (1024, 512, (4, 4, 3))]}
 SHAPES = GPU_SHAPES if DEVICE == "cuda" else CPU_SHAPES
+#: The DDPM's adapted Linear shapes, each with the rows it sees for a 128x128x96 input, batch 1:
+#: attention on 8x8x6 (256 channels) and 4x4x3 (512) voxels, time-embedding layers on one row.
+#: Small enough for the CPU as they are.
+LINEAR_SHAPES = {f"{i}x{o}@{t}rows": (i, o, t) for i, o, t in [
+    (128, 128, 1), (128, 512, 1), (256, 256, 384), (512, 512, 48)]}
 #: Autocast dtype of the timed step: the paper trains in bf16 on GPU; fp32 on the CPU.
 AMP = torch.bfloat16 if DEVICE == "cuda" else None
 ADAPTERS = {"tenvoo-l-r4": ("L", 4), "tenvoo-q-r12": ("Q", 12)}
@@ -83,3 +88,33 @@ def test_tenvoo_conv(benchmark, shape, adapter, backend):
         chosen = tenvoo_fast.backends.resolve(layer, x)
         _run(benchmark, lambda: layer(x).sum().backward(), owned_tensors(layer, x, chosen), layer.weight, shape=shape,
              method=adapter, backend=backend, resolved=chosen.name)
+
+
+@pytest.mark.parametrize("shape", list(LINEAR_SHAPES))
+@pytest.mark.parametrize("peer", ["trainable-linear", "frozen-linear"])
+def test_plain_linear(benchmark, shape, peer):
+    fin, fout, rows = LINEAR_SHAPES[shape]
+    lin = nn.Linear(fin, fout, device=DEVICE)
+    lin.requires_grad_(peer == "trainable-linear")
+    x = torch.randn(rows, fin, device=DEVICE, requires_grad=True)
+    _run(benchmark, lambda: lin(x).sum().backward(), [x, lin.weight, lin.bias], lin.weight,
+         shape=shape, method=peer, backend="torch")
+
+
+@pytest.mark.parametrize("shape", list(LINEAR_SHAPES))
+# "recompute" lets the strategy choice pick merged or factorized per shape; the two forced runs
+# beside it show whether it picked the faster. "auto" also picks the backend.
+@pytest.mark.parametrize("backend", ["reference", "auto", "recompute", "recompute/merged",
+                                     "recompute/factorized"]
+                         + (["triton"] if DEVICE == "cuda" else []))
+def test_quanta_linear(benchmark, shape, backend):
+    fin, fout, rows = LINEAR_SHAPES[shape]
+    layer = QuanTALinear.from_linear(nn.Linear(fin, fout, device=DEVICE), 12)
+    x = torch.randn(rows, fin, device=DEVICE, requires_grad=True)
+    name, _, strategy = backend.partition("/")
+    with use_backend(name), use_strategy(strategy or "auto"):
+        chosen = tenvoo_fast.backends.resolve(layer, x)
+        picked = tenvoo_fast.strategy.linear_strategy(layer, rows)
+        _run(benchmark, lambda: layer(x).sum().backward(), owned_tensors(layer, x, chosen),
+             layer.weight, shape=shape, method="quanta-r12", backend=backend,
+             resolved=chosen.name + (f"/{picked}" if chosen.name != "reference" else ""))

@@ -10,6 +10,7 @@ from .backends import available_backends, current_backend, set_backend, use_back
 from .checkpoint import load_adapter, read_adapter_metadata, save_adapter
 from .config import AdapterConfig
 from .errors import AdapterError
+from .strategy import current_strategy, use_strategy
 from .model import adapter_layers, count_parameters, inject, merge_and_unload
 from .modules import (AdapterLayer, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d,
                       LoRALinear, QuanTALinear, TenVOOConv3d)
@@ -27,5 +28,6 @@ __all__ = [
     "QuanTALinear", "LoRAConv3d", "LoHaConv3d", "LoKrConv3d", "LoRALinear", "LoHaLinear",
     "LoKrLinear", "inject", "merge_and_unload", "save_adapter", "load_adapter",
     "read_adapter_metadata", "adapter_layers", "count_parameters", "available_backends",
-    "current_backend", "use_backend", "set_backend", "presets",
+    "current_backend", "use_backend", "set_backend", "use_strategy", "current_strategy",
+    "presets",
 ]

@@ -91,11 +91,12 @@ def use_backend(name: str) -> Iterator[None]:
         _state.name = previous
 
 
-def _auto_priority(backend, x):
-    """A backend's rank under ``auto`` for ``x``'s device (``auto_priority``, else its
-    ``priority``); None means ``auto`` never picks it there (it still runs when named)."""
+def _auto_priority(backend, layer, x):
+    """A backend's rank under ``auto`` for this layer on ``x``'s device (``auto_priority``,
+    else its ``priority``); None means ``auto`` never picks it there (it still runs when
+    named)."""
     rank = getattr(backend, "auto_priority", None)
-    return backend.priority if rank is None else rank(x.device.type)
+    return backend.priority if rank is None else rank(x.device.type, layer)
 
 
 def resolve(layer, x: torch.Tensor) -> Backend:
@@ -108,7 +109,7 @@ def resolve(layer, x: torch.Tensor) -> Backend:
             raise AdapterError(f"{layer.adapter_name}: backend {name!r} cannot run this layer: "
                                f"{reason}; use_backend('auto') falls back automatically")
         return backend
-    ranked = [(rank, b) for b in _REGISTRY.values() if (rank := _auto_priority(b, x)) is not None]
+    ranked = [(rank, b) for b in _REGISTRY.values() if (rank := _auto_priority(b, layer, x)) is not None]
     for _, backend in sorted(ranked, key=lambda rb: -rb[0]):
         if backend.unavailable_reason() is None and backend.unsupported_reason(layer, x) is None:
             return backend

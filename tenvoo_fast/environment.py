@@ -96,3 +96,21 @@ def reverse_tree(steps, nodes: dict, n_cores: int, last_operand_grads) -> list[t
             grads[target] = grads[target] + gt if target in grads else gt
         nodes.pop(n + k, None)
     return [grads[i] for i in range(n)]
+
+
+def contract(equation: str, operands: Sequence[torch.Tensor]):
+    """The whole tree, last step included (for contractions with no weight-sized step, such
+    as an adapter applied to activations); returns (steps, nodes, result)."""
+    steps, nodes = forward_tree(equation, operands)
+    s = steps[-1]
+    out = torch.einsum(f"{s.left_idx},{s.right_idx}->{s.out_idx}", nodes[s.left], nodes[s.right])
+    return steps, nodes, out
+
+
+def operand_grads(steps, nodes: dict, n_operands: int, grad_out: torch.Tensor):
+    """Every operand's gradient from the result's, after :func:`contract` (consumes ``nodes``)."""
+    s = steps[-1]
+    last = [_grad_operand(grad_out, s.out_idx, nodes[other], oidx, tidx, nodes[target].shape)
+            for target, tidx, other, oidx in ((s.left, s.left_idx, s.right, s.right_idx),
+                                              (s.right, s.right_idx, s.left, s.left_idx))]
+    return reverse_tree(steps, nodes, n_operands, last)

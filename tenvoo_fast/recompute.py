@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
+from . import strategy
+from .networks import QUANTA_ACTIVATION_EQUATION
 
 
 def _views(network, tensors):
@@ -22,14 +24,20 @@ class RecomputeBackend:
     priority = 10
     kernel = "torch"  # who runs the weight-sized steps of the ops (see ops.py)
 
-    def auto_priority(self, device_type: str):
-        """Rank under ``auto`` on this device (None: never chosen automatically).
+    def auto_priority(self, device_type: str, layer=None):
+        """Rank under ``auto`` for this device and layer (None: never chosen automatically).
 
-        On CUDA the pure-torch recompute path is launch-bound and measured slower than the
-        reference (paper preset, H100, bf16: 695 vs 514 ms per step), so ``auto`` prefers the
-        reference there; on the CPU it is the faster one.
+        Measured, and why the reference wins where it does:
+        - CUDA: the pure-torch recompute path is launch-bound (paper preset, H100, bf16: 695
+          vs 514 ms per step), so the reference ranks first there.
+        - CPU, Conv3d: recompute is the faster one (e.g. TenVOO-L r=4 512->512: ~0.7x).
+        - CPU, Linear: on every DDPM Linear shape the reference was as fast or faster (e.g.
+          QuanTA 256->256 on 384 rows: 1.4 vs 2.1 ms); those weights are at most 1 MB, so
+          the weight-sized tensors it keeps cost little.
         """
-        return self.priority if device_type == "cpu" else -10
+        if device_type != "cpu" or isinstance(layer, torch.nn.Linear):
+            return -10
+        return self.priority
 
     def unavailable_reason(self):
         return None
@@ -45,6 +53,7 @@ class RecomputeBackend:
             self.kernel)
 
     def conv3d(self, layer, x):
+        strategy.conv_strategy(layer)
         dt = layer.compute_dtype(x)
         x = x.to(dt)
         padding = list(layer.padding)
@@ -57,7 +66,13 @@ class RecomputeBackend:
             list(layer.dilation), self.kernel)
 
     def linear(self, layer, x):
+        x = x.to(layer.compute_dtype(x))
+        if strategy.linear_strategy(layer, x.numel() // x.shape[-1]) == "factorized":
+            frozen = [] if layer.frozen_cores is None else list(layer.frozen_cores)
+            return torch.ops.tenvoo_fast.factored_linear(
+                x, layer.weight, list(layer.cores), frozen, layer.bias,
+                QUANTA_ACTIVATION_EQUATION, layer.network.scale)
         return torch.ops.tenvoo_fast.adapted_linear(
-            x.to(layer.compute_dtype(x)), layer.weight, layer.frozen_delta_weight(self),
+            x, layer.weight, layer.frozen_delta_weight(self),
             _views(layer.network, layer.cores), layer.bias, layer.network.equation,
             layer.network.scale, self.kernel)

@@ -8,7 +8,8 @@ from torch.func import functional_call
 from ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
 from oracle import rel_err, spec_delta
 from tenvoo_fast import (AdapterError, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear,
-                         LoRAConv3d, LoRALinear, QuanTALinear, TenVOOConv3d, use_backend)
+                         LoRAConv3d, LoRALinear, QuanTALinear, TenVOOConv3d, use_backend,
+                         use_strategy)
 
 CONV_MAKERS = {
     "tenvoo-l": lambda c, r: TenVOOConv3d.from_conv(c, r, "L"),
@@ -90,6 +91,17 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture(params=["reference", "recompute/merged", "recompute/factorized"])
+def linear_backend(request):
+    """Adapted Linear layers: every backend, and each execution strategy of the fast one
+    ('factorized' applies QuanTA to the activations; the other methods have no such form)."""
+    name, _, strategy = request.param.partition("/")
+    if strategy == "factorized" and request.node.callspec.params.get("method") != "quanta":
+        pytest.skip("only QuanTA has a factorized (activation) form")
+    with use_backend(name), use_strategy(strategy or "auto"):
+        yield request.param
+
+
 # fp32 tolerance: the reference contracts and convolves in fp32 (errors ~1e-7..1e-6 relative).
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -112,7 +124,7 @@ def test_conv_methods_forward_and_grads_all_dtypes(method, dtype, seeded, backen
 
 @pytest.mark.parametrize("fin,fout", DDPM_LINEAR_SHAPES)
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
-def test_linear_forward_and_grads_ddpm_shapes(fin, fout, method, seeded, backend):
+def test_linear_forward_and_grads_ddpm_shapes(fin, fout, method, seeded, linear_backend):
     lin = nn.Linear(fin, fout)
     layer = train_a_little(LINEAR_MAKERS[method](lin, 4))
     check_against_oracle(layer, torch.randn(3, fin), "linear", TOL[torch.float32])
@@ -120,7 +132,7 @@ def test_linear_forward_and_grads_ddpm_shapes(fin, fout, method, seeded, backend
 
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_linear_dtypes(method, dtype, seeded, backend):
+def test_linear_dtypes(method, dtype, seeded, linear_backend):
     layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(24, 12, dtype=dtype), 3))
     check_against_oracle(layer, torch.randn(2, 5, 24, dtype=dtype), "linear", TOL[dtype])
 
@@ -147,7 +159,7 @@ def test_conv_identical_to_base_at_init(method, seeded, backend):
 
 
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
-def test_linear_identical_to_base_at_init(method, seeded, backend):
+def test_linear_identical_to_base_at_init(method, seeded, linear_backend):
     lin = nn.Linear(128, 32)
     layer = LINEAR_MAKERS[method](lin, 4)
     x = torch.randn(4, 128)
@@ -169,7 +181,7 @@ def test_gradcheck_conv_fp64(method, seeded, backend):
 
 
 @pytest.mark.parametrize("method", list(LINEAR_MAKERS))
-def test_gradcheck_linear_fp64(method, seeded, backend):
+def test_gradcheck_linear_fp64(method, seeded, linear_backend):
     layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(8, 6, dtype=torch.float64), 2), 0.3)
     names = [f"cores.{i}" for i in range(len(layer.cores))]
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)

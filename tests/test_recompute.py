@@ -7,7 +7,8 @@ from torch import nn
 from oracle import rel_err
 import tenvoo_fast
 from tenvoo_fast import (LoHaConv3d, LoKrConv3d, LoRAConv3d, QuanTALinear, TenVOOConv3d,
-                         networks, reference, use_backend)
+                         networks, reference, use_backend, use_strategy)
+from tenvoo_fast.strategy import linear_strategy
 from tenvoo_fast.memory import owned_tensors, saved_bytes
 from tenvoo_fast.recompute import _views
 
@@ -78,6 +79,7 @@ def test_recompute_keeps_under_two_percent_of_the_weight(name, seeded):
     lambda: TenVOOConv3d.from_conv(nn.Conv3d(8, 8, 3, padding=1), 2, "Q"),
     lambda: TenVOOConv3d.from_conv(nn.Conv3d(8, 6, 3, padding=1, stride=2), 3, "L"),
     lambda: QuanTALinear.from_linear(nn.Linear(8, 12), 2),
+    lambda: QuanTALinear.from_linear(nn.Linear(8, 8), 2, name="factorized"),
 ])
 def test_torch_compile_fullgraph_matches_eager(make, seeded):
     layer = make()
@@ -97,7 +99,8 @@ def test_torch_compile_fullgraph_matches_eager(make, seeded):
         y.square().sum().backward()
         return [y.detach(), x.grad.clone()] + [p.grad.clone() for p in params]
 
-    with use_backend("recompute"):
+    strategy = "factorized" if layer.adapter_name == "factorized" else "merged"
+    with use_backend("recompute"), use_strategy(strategy):
         eager = run(layer)
         torch._dynamo.reset()
         compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
@@ -111,6 +114,34 @@ def test_auto_prefers_recompute_and_reference_stays_selectable():
     assert tenvoo_fast.backends.resolve(layer, x).name == "recompute"
     with use_backend("reference"):
         assert tenvoo_fast.backends.resolve(layer, x).name == "reference"
+    # Linear on the CPU: the reference measured as fast or faster on every DDPM shape.
+    lin = QuanTALinear.from_linear(nn.Linear(8, 8), 2)
+    assert tenvoo_fast.backends.resolve(lin, torch.randn(2, 8)).name == "reference"
+
+
+def test_strategy_choice_follows_the_cost_model_and_refuses_what_a_layer_cannot_run():
+    lin = QuanTALinear.from_linear(nn.Linear(512, 512), 12, name="blk.attn.to_q")
+    assert linear_strategy(lin, 1) == "factorized"     # no build, no dL/dW GEMM
+    assert linear_strategy(lin, 4096) == "merged"      # the activation path costs more per row
+    with use_strategy("merged"):
+        assert linear_strategy(lin, 1) == "merged"
+    lora = tenvoo_fast.LoRALinear.from_linear(nn.Linear(8, 8), 2, name="blk.lora")
+    conv = TenVOOConv3d.from_conv(nn.Conv3d(4, 4, 3), 2, name="blk.conv")
+    with use_backend("recompute"), use_strategy("factorized"):
+        with pytest.raises(tenvoo_fast.AdapterError, match=r"blk\.lora.*QuanTA.*'merged'"):
+            lora(torch.randn(2, 8))
+        with pytest.raises(tenvoo_fast.AdapterError, match=r"blk\.conv.*Conv3d.*'merged'"):
+            conv(torch.randn(1, 4, 3, 3, 3))
+    with pytest.raises(tenvoo_fast.AdapterError, match="unknown strategy 'fast'"):
+        with use_strategy("fast"):
+            pass
+
+
+def test_factorized_keeps_nothing_weight_sized(seeded):
+    lin = QuanTALinear.from_linear(nn.Linear(128, 256), 4)
+    x = torch.randn(8, 128, requires_grad=True)
+    with use_backend("recompute"), use_strategy("factorized"):
+        assert saved_bytes_beyond_owned(lin, x) == 0
 
 
 def test_string_padding_falls_back_under_auto_and_refuses_explicitly():
@@ -150,6 +181,16 @@ def test_opcheck_every_op(kernel, seeded):
                           (torch.randn(2, 3, qshape[1], requires_grad=True),
                            torch.randn(qshape) * 0.02, None, qcores, None, qnet.equation,
                            qnet.scale, kernel))
+    eq = networks.QUANTA_ACTIVATION_EQUATION
+    xq = torch.randn(2, 3, qshape[1], requires_grad=True)
+    frozen = [c.detach() + 0.1 for c in qcores]
+    torch.library.opcheck(torch.ops.tenvoo_fast.factored_linear.default,
+                          (xq, torch.randn(qshape) * 0.02, qcores, frozen, bias[:qshape[0]].detach()
+                           .requires_grad_(), eq, qnet.scale))
+    torch.library.opcheck(torch.ops.tenvoo_fast.factored_linear_backward.default,
+                          (torch.randn(2, 3, qshape[0]), xq.detach(), torch.randn(qshape) * 0.02,
+                           [c.detach() for c in qcores], frozen, None, True, False, eq,
+                           qnet.scale))
 
 
 def test_torch_compile_inductor(seeded):

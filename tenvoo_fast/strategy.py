@@ -1,0 +1,92 @@
+"""How an adapted layer is executed: the one place that chooses, per layer and shape.
+
+- ``"merged"`` (fast-path design 1): build ``W - T(θ0) + T(θ)`` and run the framework's
+  conv/linear on it; backward turns dL/dW into the cores' gradients.
+- ``"factorized"``: apply the adapter to the activations beside the frozen base layer
+  (:func:`tenvoo_fast.ops.factored_linear`); no weight-sized tensor and no dL/dW at all. For
+  now QuanTA Linear layers only.
+- ``"auto"`` (default): per layer, the cheaper of the two by :func:`linear_costs`.
+
+``use_strategy(name)`` overrides the choice for a block; a layer that cannot run the named
+strategy raises and says which it can run. Strategies are how the fast backends execute; the
+``reference`` backend always runs the published einsum.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from functools import lru_cache
+from typing import Iterator
+
+import opt_einsum
+
+from .errors import AdapterError
+from .networks import QUANTA_ACTIVATION_EQUATION
+
+STRATEGIES = ("auto", "merged", "factorized")
+_state = threading.local()
+
+
+def current_strategy() -> str:
+    return getattr(_state, "name", "auto")
+
+
+@contextlib.contextmanager
+def use_strategy(name: str) -> Iterator[None]:
+    """``with use_strategy("factorized"): ...`` forces a strategy for the block."""
+    if name not in STRATEGIES:
+        raise AdapterError(f"unknown strategy {name!r}; use one of {list(STRATEGIES)}")
+    previous = current_strategy()
+    _state.name = name
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+def _flops(equation: str, shapes) -> int:
+    return int(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")[1].opt_cost)
+
+
+@lru_cache(maxsize=1024)
+def linear_costs(network, tokens: int) -> dict[str, int]:
+    """Estimated extra flops of one fwd+bwd over the frozen layer's, per strategy.
+
+    merged: the build twice (forward, and again in backward), the reverse sweep (about two
+    builds) and the dL/dW GEMM (2·tokens·in·out). factorized: the adapter on the activations
+    for θ and θ0 in forward, then in backward both again plus their reverse sweeps (about
+    seven applications in all; the base GEMMs are the frozen layer's own).
+    """
+    shapes = [c.shape for c in network.cores]
+    out_f, in_f = network.weight_shape
+    build = _flops(network.equation, shapes)
+    act_eq = QUANTA_ACTIVATION_EQUATION.replace("...", "t")
+    act = _flops(act_eq, [(tokens, *network.meta["in_factors"]), *shapes])
+    return {"merged": 4 * build + 2 * tokens * in_f * out_f, "factorized": 7 * act}
+
+
+def linear_strategy(layer, tokens: int) -> str:
+    """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input."""
+    name = current_strategy()
+    can_factor = layer.network.method == "quanta"
+    if name == "factorized" and not can_factor:
+        raise AdapterError(f"{layer.adapter_name}: strategy 'factorized' is implemented for "
+                           f"QuanTA Linear layers only, not {layer.network.method}; use "
+                           "'merged' or 'auto'")
+    if name != "auto" or not can_factor:
+        return "merged" if name == "auto" else name
+    costs = linear_costs(layer.network, max(tokens, 1))
+    return min(costs, key=costs.get)
+
+
+def conv_strategy(layer) -> str:
+    """Convolutions run merged until the factorized and implicit-GEMM strategies land."""
+    name = current_strategy()
+    if name not in ("auto", "merged"):
+        raise AdapterError(f"{layer.adapter_name}: strategy {name!r} is not implemented for "
+                           "Conv3d layers yet; use 'merged' or 'auto'")
+    return "merged"
+
+
+__all__ = ["STRATEGIES", "current_strategy", "use_strategy", "linear_costs", "linear_strategy",
+           "conv_strategy"]

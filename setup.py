@@ -10,10 +10,77 @@ want first (a CPU build: ``pip install torch==2.13.0`` on the project machines),
 """
 import os
 import re
+import shutil
+import sys
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_build_flags():
+    """CXX_FLAGS, NVCC_FLAGS from tenvoo_fast/_build_flags.py (shared with check-kernels)."""
+    scope = {}
+    with open(os.path.join(HERE, "tenvoo_fast", "_build_flags.py")) as f:
+        exec(f.read(), scope)
+    return scope["CXX_FLAGS"], scope["NVCC_FLAGS"]
+
+
+CXX_FLAGS, NVCC_FLAGS = read_build_flags()
+
+
+def _flag(name: str) -> str:
+    value = os.environ.get(name, "auto").strip().lower()
+    if value not in ("auto", "0", "1"):
+        sys.exit(f"{name}={value!r}: use auto, 0 or 1")
+    return value
+
+
+def _say(msg: str) -> None:
+    print(f"tenvoo_fast setup: {msg}", file=sys.stderr)
+
+
+def native_extensions():
+    """(extensions, cmdclass) for the csrc kernels this machine can build."""
+    want_cpu, want_cuda = _flag("TENVOO_FAST_BUILD_CPU"), _flag("TENVOO_FAST_BUILD_CUDA")
+    if want_cpu == "0" and want_cuda == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        if "1" in (want_cpu, want_cuda):
+            sys.exit("native kernels forced but torch cannot be imported at build time: install "
+                     "torch first and build with --no-build-isolation")
+        _say("torch not importable at build time: no native kernels (use --no-build-isolation)")
+        return [], {}
+    include = [os.path.join(HERE, "csrc", "include")]
+    exts = []
+    if want_cpu != "0":
+        exts.append(CppExtension(
+            "tenvoo_fast._C", ["csrc/ops.cpp", "csrc/cpu/last_step_cpu.cpp"],
+            include_dirs=include, extra_compile_args={"cxx": CXX_FLAGS}))
+    if want_cuda != "0":
+        why = None
+        if not torch.version.cuda:
+            why = "torch has no CUDA"
+        elif not (shutil.which("nvcc") or os.environ.get("CUDA_HOME")):
+            why = "nvcc not found"
+        if why and want_cuda == "1":
+            sys.exit(f"TENVOO_FAST_BUILD_CUDA=1 but {why}")
+        if why:
+            _say(f"{why}: CUDA kernels not built (the cpu extension still is)")
+        else:
+            if os.environ.get("TENVOO_FAST_CUDA_ARCH"):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["TENVOO_FAST_CUDA_ARCH"]
+            exts.append(CUDAExtension(
+                "tenvoo_fast._C_cuda", ["csrc/cuda/bind_cuda.cpp", "csrc/cuda/last_step_cuda.cu"],
+                include_dirs=include,
+                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
+    return exts, {"build_ext": BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = native_extensions()
 
 
 def read_version():
@@ -52,4 +119,6 @@ setup(
         "peers": ["peft", "lycoris-lora"],
     },
     entry_points={"console_scripts": ["tenvoo-fast=tenvoo_fast.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

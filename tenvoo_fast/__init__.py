@@ -17,11 +17,14 @@ from .modules import (AdapterLayer, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLine
 from .reference import ReferenceBackend as _ReferenceBackend
 from .recompute import RecomputeBackend as _RecomputeBackend
 from .triton_backend import TritonBackend as _TritonBackend
+from .native_backend import NativeBackend as _NativeBackend
 from .backends import register_backend as _register_backend
 
 _register_backend(_ReferenceBackend())
 _register_backend(_RecomputeBackend())
 _register_backend(_TritonBackend())
+_register_backend(_NativeBackend("cpu"))
+_register_backend(_NativeBackend("cuda"))
 
 __all__ = [
     "__version__", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",

@@ -1,14 +1,24 @@
-"""``tenvoo-fast check-kernels``: compile every Triton kernel ahead of time, without a GPU.
+"""``tenvoo-fast check-kernels``: compile every GPU kernel ahead of time, without a GPU.
 
-Each kernel is compiled (``triton.compile`` of an ``ASTSource`` for a ``GPUTarget``) in every
+Triton: each kernel is compiled (``triton.compile`` of an ``ASTSource`` for a ``GPUTarget``) in every
 configuration the dispatch can launch: each constexpr combination and each dtype of the weight,
 the base weight and dL/dW, for each requested architecture. This catches what the interpreter
-cannot (dot shape rules, layouts, shared-memory limits). One line per kernel configuration and
-architecture; the exit status is non-zero if any failed.
+cannot (dot shape rules, layouts, shared-memory limits). CUDA: every ``.cu`` file under
+``csrc/`` is compiled by nvcc (compile only, with setup.py's flags) for each architecture;
+without nvcc, or outside a source checkout, those lines say ``skipped`` and why. One line per
+kernel configuration (or file) and architecture; the exit status is non-zero if any failed.
 """
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+#: The source tree's csrc/ (present in a checkout or an editable install).
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -50,9 +60,50 @@ def compile_one(fn, signature, constexprs, arch: int):
                           options=dict(num_warps=NUM_WARPS, enable_fp_fusion=False))
 
 
+def nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not found and home and (Path(home) / "bin" / "nvcc").exists():
+        found = str(Path(home) / "bin" / "nvcc")
+    return found
+
+
+def compile_cu(path: Path, arch: int, compiler: str) -> str | None:
+    """nvcc -c ``path`` for sm_``arch``; None on success, else the last error line."""
+    from ._build_flags import NVCC_FLAGS
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [compiler, "-std=c++17", *NVCC_FLAGS, f"-I{CSRC / 'include'}", "-c", str(path),
+               "-o", os.path.join(tmp, "k.o"), "-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    lines = [l for l in (proc.stderr + proc.stdout).splitlines() if "error" in l] or \
+        (proc.stderr + proc.stdout).splitlines() or [f"nvcc exited {proc.returncode}"]
+    return lines[0].strip()
+
+
+def run_cuda(archs: list[int]) -> int:
+    """Compile every csrc .cu file for ``archs``; one line each; return the failures."""
+    files = sorted(CSRC.rglob("*.cu")) if CSRC.is_dir() else []
+    compiler = nvcc()
+    if not files or compiler is None:
+        why = "nvcc not found (set CUDA_HOME)" if files else "no csrc/ here (a source checkout has it)"
+        for arch in archs:
+            print(f"skipped sm_{arch}  csrc/**/*.cu: {why}", flush=True)
+        return 0
+    failures = 0
+    for path, arch in itertools.product(files, archs):
+        err = compile_cu(path, arch, compiler)
+        name = path.relative_to(CSRC.parent)
+        print(f"ok      sm_{arch}  {name}" if err is None else f"failed  sm_{arch}  {name}: {err}",
+              flush=True)
+        failures += err is not None
+    return failures
+
+
 def run(archs: list[int]) -> int:
     """Compile everything for ``archs``; print one line each; return the number of failures."""
-    failures = 0
+    failures = run_cuda(archs)
     for name, fn, sig, consts in configurations():
         for arch in archs:
             try:

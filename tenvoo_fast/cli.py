@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_command(evaluate_.run))
 
     ck = commands.add_parser(
-        "check-kernels", help="compile every Triton kernel ahead of time (no GPU needed)",
+        "check-kernels", help="compile every Triton kernel and CUDA source ahead of time (no GPU needed)",
         description="Compile every Triton kernel, in every configuration the dispatch can "
                     "launch, for each architecture; print one line per kernel and "
                     "architecture (ok/failed); exit 1 if any failed.",

@@ -11,7 +11,8 @@
 Each op is defined once; ``kernel`` picks who runs the weight-sized step (the last step of the
 contraction tree, fused with ``W - T(θ0)`` and the cast, and the first step of the reverse
 sweep): ``"torch"``, the pure-torch default (fp32, or fp64 for fp64 inputs) that runs anywhere,
-or ``"triton"`` (:mod:`tenvoo_fast.triton_kernels`, on CUDA or under ``TRITON_INTERPRET=1``).
+``"triton"`` (:mod:`tenvoo_fast.triton_kernels`, on CUDA or under ``TRITON_INTERPRET=1``), or
+``"native"`` (:mod:`tenvoo_fast.native`: the csrc kernels, C++ on the CPU, CUDA on GPUs).
 The small steps run in torch either way, with the redundant axes pre-reduced by
 :mod:`simplify`. Each op has a fake kernel, so adapted models trace under ``torch.compile``.
 """
@@ -41,12 +42,16 @@ def _stored_grads(p, grads, cores) -> list[Tensor]:
 
 
 def _last_step(kernel: str):
-    """The module that runs the weight-sized steps: pure torch, or the Triton kernels."""
+    """The module that runs the weight-sized steps: pure torch, the Triton kernels, or the
+    native (csrc) ones."""
     if kernel == "triton":
         from .triton_kernels import launch
         return launch
+    if kernel == "native":
+        from . import native
+        return native
     if kernel != "torch":
-        raise ValueError(f"unknown kernel {kernel!r}: 'torch' or 'triton'")
+        raise ValueError(f"unknown kernel {kernel!r}: 'torch', 'triton' or 'native'")
     return last_step
 
 

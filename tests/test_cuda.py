@@ -20,7 +20,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _backends():
-    return [b for b in available_backends() if b != "auto"] if torch.cuda.is_available() else []
+    """Every backend that runs CUDA tensors here (the ``cpu`` one runs only CPU tensors)."""
+    if not torch.cuda.is_available():
+        return []
+    return [b for b in available_backends() if b not in ("auto", "cpu")]
 
 
 def _trained(layer):

@@ -84,14 +84,14 @@ def check_against_oracle(layer, x, kind, tol):
         assert rel_err(g, g0) < tol, f"parameter {i} gradient"
 
 
-@pytest.fixture(params=["reference", "recompute"])
+@pytest.fixture(params=["reference", "recompute", "cpu"])
 def backend(request):
     """Every execution backend must match the same oracle."""
     with use_backend(request.param):
         yield request.param
 
 
-@pytest.fixture(params=["reference", "recompute/merged", "recompute/factorized"])
+@pytest.fixture(params=["reference", "recompute/merged", "recompute/factorized", "cpu/merged"])
 def linear_backend(request):
     """Adapted Linear layers: every backend, and each execution strategy of the fast one
     ('factorized' applies QuanTA to the activations; the other methods have no such form)."""

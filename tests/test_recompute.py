@@ -24,8 +24,10 @@ NETWORKS = {
 }
 
 
-#: The ops' kernels for the weight-sized steps; "triton" runs in the interpreter without a GPU.
-KERNELS = {"torch": (torch.float64, 1e-12), "triton": (torch.float32, 2e-6)}
+#: The ops' kernels for the weight-sized steps; "triton" runs in the interpreter without a GPU,
+#: "native" is the csrc C++ kernel (its CUDA twin on a GPU) and runs in fp64 too.
+KERNELS = {"torch": (torch.float64, 1e-12), "triton": (torch.float32, 2e-6),
+           "native": (torch.float64, 1e-12)}
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

@@ -87,5 +87,11 @@ def test_check_kernels_compiles_everything_for_sm80_and_sm90():
     for kernel in ("build_kernel", "grad_left_kernel", "grad_right_kernel"):
         for arch in (80, 90):
             assert any(l.startswith(f"ok      sm_{arch}  {kernel}[") for l in lines), (kernel, arch)
+    # Every csrc .cu file is compiled by nvcc for both architectures where nvcc exists.
+    from tenvoo_fast.check_kernels import nvcc
+    for arch in (80, 90):
+        want = "ok      " if nvcc() else "skipped "
+        assert any(l.startswith(f"{want}sm_{arch}  csrc/cuda/last_step_cuda.cu")
+                   or (not nvcc() and l.startswith(f"skipped sm_{arch}")) for l in lines), arch
     assert not any(l.startswith("failed") for l in lines)
     assert lines[-1] == "check-kernels: all ok"

@@ -76,9 +76,14 @@ def test_plain_conv(benchmark, shape, peer):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 # triton on the CPU would be its interpreter (a numerics check, not a speed): GPU only.
-@pytest.mark.parametrize("backend", ["reference", "recompute", "auto"]
+# cpu / cuda: the native (csrc) kernels of this device, where the install built them.
+@pytest.mark.parametrize("backend", ["reference", "recompute", "auto", DEVICE]
                          + (["triton"] if DEVICE == "cuda" else []))
 def test_tenvoo_conv(benchmark, shape, adapter, backend):
+    reason = tenvoo_fast.backends.get_backend(backend).unavailable_reason() if backend in (
+        "cpu", "cuda") else None
+    if reason:
+        pytest.skip(reason)
     cin, cout, vol = SHAPES[shape]
     variant, rank = ADAPTERS[adapter]
     layer = TenVOOConv3d.from_conv(nn.Conv3d(cin, cout, 3, padding=1, device=DEVICE), rank,

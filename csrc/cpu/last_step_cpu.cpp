@@ -38,6 +38,18 @@ std::vector<int64_t> offsets(const Group& g) {
   return off;
 }
 
+// dst[j] = g[om + off_n[j]] for j < nt (columns n0..n0+nt), by contiguous runs of the columns.
+template <typename acc_t, typename grad_t>
+void gather_row(const grad_t* g, int64_t om, const int64_t* off_n, int64_t n0, int64_t nt,
+                int64_t run, acc_t* dst) {
+  for (int64_t j = 0; j < nt;) {
+    const int64_t len = std::min(nt - j, run - (n0 + j) % run);
+    const grad_t* src = g + om + off_n[j];
+    for (int64_t q = 0; q < len; ++q) dst[j + q] = static_cast<acc_t>(src[q]);
+    j += len;
+  }
+}
+
 template <typename acc_t, typename base_t, typename out_t>
 void build_kernel(const Step& s, const acc_t* a, const acc_t* b, const base_t* base,
                   const acc_t* frozen, out_t* out, acc_t scale) {
@@ -45,6 +57,7 @@ void build_kernel(const Step& s, const acc_t* a, const acc_t* b, const base_t* b
              off_n = offsets(s.groups.cols);
   const int64_t tiles_m = ceil_div(s.M, kTileM), tiles_n = ceil_div(s.N, kTileN);
   const bool has_scale = scale != acc_t(1);
+  const int64_t run = contiguous_run(s.groups.cols);
   at::parallel_for(0, s.B * tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(kTileM * kTileN);
     for (int64_t t = begin; t < end; ++t) {
@@ -58,12 +71,28 @@ void build_kernel(const Step& s, const acc_t* a, const acc_t* b, const base_t* b
       for (int64_t i = 0; i < mt; ++i) {
         const acc_t* row = acc.data() + i * nt;
         const int64_t om = off_b[bi] + off_m[m0 + i];
-        for (int64_t j = 0; j < nt; ++j) {
+        // Column by contiguous run: unit-stride loads and stores the compiler vectorises.
+        for (int64_t j = 0; j < nt;) {
+          const int64_t len = std::min(nt - j, run - (n0 + j) % run);
           const int64_t o = om + off_n[n0 + j];
-          const acc_t v = fold<acc_t>(row[j], scale, has_scale, frozen != nullptr,
-                                      frozen ? frozen[o] : acc_t(0), base != nullptr,
-                                      base ? static_cast<acc_t>(base[o]) : acc_t(0));
-          out[o] = static_cast<out_t>(v);
+          out_t* dst = out + o;
+          const acc_t* src = row + j;
+          if (base == nullptr) {
+            for (int64_t q = 0; q < len; ++q)
+              dst[q] = static_cast<out_t>(has_scale ? src[q] * scale : src[q]);
+          } else if (frozen == nullptr) {
+            const base_t* w = base + o;
+            for (int64_t q = 0; q < len; ++q)
+              dst[q] = static_cast<out_t>((has_scale ? src[q] * scale : src[q]) +
+                                          static_cast<acc_t>(w[q]));
+          } else {
+            const base_t* w = base + o;
+            const acc_t* f = frozen + o;
+            for (int64_t q = 0; q < len; ++q)
+              dst[q] = static_cast<out_t>(
+                  fold<acc_t>(src[q], scale, has_scale, true, f[q], true, static_cast<acc_t>(w[q])));
+          }
+          j += len;
         }
       }
     }
@@ -76,6 +105,7 @@ void grads_kernel(const Step& s, const grad_t* g, const acc_t* a, const acc_t* b
   const auto off_b = offsets(s.groups.batch), off_m = offsets(s.groups.rows),
              off_n = offsets(s.groups.cols);
   const bool has_scale = scale != acc_t(1);
+  const int64_t run = contiguous_run(s.groups.cols);
   const int64_t tiles_m = ceil_div(s.M, kTileM), tiles_n = ceil_div(s.N, kTileN);
   // dL/da[b, m, k] = scale * sum_n G[b, m, n] b[b, k, n]: a tile of rows per task, so that b
   // streams through the cache once per tile rather than once per row.
@@ -87,11 +117,9 @@ void grads_kernel(const Step& s, const grad_t* g, const acc_t* a, const acc_t* b
       std::fill(part.begin(), part.end(), acc_t(0));
       for (int64_t n0 = 0; n0 < s.N; n0 += kTileN) {
         const int64_t nt = std::min(kTileN, s.N - n0);
-        for (int64_t i = 0; i < mt; ++i) {
-          const int64_t om = off_b[bi] + off_m[m0 + i];
-          for (int64_t j = 0; j < nt; ++j)
-            gt[i * nt + j] = static_cast<acc_t>(g[om + off_n[n0 + j]]);
-        }
+        for (int64_t i = 0; i < mt; ++i)
+          gather_row(g, off_b[bi] + off_m[m0 + i], off_n.data() + n0, n0, nt, run,
+                     gt.data() + i * nt);
         // part (mt x K) += g_tile (mt x nt) @ b[bi, :, n0:n0+nt]ᵀ
         matrix(part.data(), mt, s.K, s.K)
             .addmm_(matrix(gt.data(), mt, nt, nt), matrix(b + bi * s.K * s.N + n0, s.K, nt, s.N).t());
@@ -112,11 +140,9 @@ void grads_kernel(const Step& s, const grad_t* g, const acc_t* a, const acc_t* b
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t m0 = 0; m0 < s.M; m0 += kTileM) {
         const int64_t mc = std::min(kTileM, s.M - m0);
-        for (int64_t i = 0; i < mc; ++i) {
-          const int64_t om = off_b[bi] + off_m[m0 + i];
-          for (int64_t j = 0; j < nt; ++j)
-            gt[i * nt + j] = static_cast<acc_t>(g[om + off_n[n0 + j]]);
-        }
+        for (int64_t i = 0; i < mc; ++i)
+          gather_row(g, off_b[bi] + off_m[m0 + i], off_n.data() + n0, n0, nt, run,
+                     gt.data() + i * nt);
         // acc (K x nt) += a[bi, m0:m0+mc, :]ᵀ @ g_tile (mc x nt)
         matrix(acc.data(), s.K, nt, nt)
             .addmm_(matrix(a + (bi * s.M + m0) * s.K, mc, s.K, s.K).t(),

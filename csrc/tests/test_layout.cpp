@@ -38,6 +38,10 @@ int main() {
   // Column n = (A, B, C, y, z) in (3, 2, 1, 3, 3): n = 53 -> A=2, B=1, C=0, y=2, z=2.
   EXPECT_EQ(group_offset(gs.cols, 53), 2 * 216 + 1 * 108 + 2 * 3 + 2);
   EXPECT_EQ(group_offset(gs.cols, 0), 0);
+  // Columns A B C y z: y z (strides 3, 1) form runs of 9; the rows' innermost stride is 9.
+  EXPECT_EQ(contiguous_run(gs.cols), 9);
+  EXPECT_EQ(contiguous_run(gs.rows), 1);
+  EXPECT_EQ(group_offset(gs.cols, 9 + 4), group_offset(gs.cols, 9) + 4);
   // The last element of the GEMM lands on the last element of the weight.
   EXPECT_EQ(weight_offset(gs, 0, 11, 53), 6 * 4 * 27 - 1);
   // Every (m, n) lands on a distinct offset that covers the weight exactly once.
@@ -53,6 +57,8 @@ int main() {
   Groups gb;
   EXPECT_EQ(parse_groups(reinterpret_cast<const int64_t*>(batched), 9, &gb), true);
   EXPECT_EQ(weight_offset(gb, 3, 4, 6), 300 + 8 + 6);
+  EXPECT_EQ(contiguous_run(gb.cols), 7);
+  EXPECT_EQ(contiguous_run(gb.batch), 1);
   // Malformed packings are refused: truncated, too many letters, zero size, trailing data.
   const long long truncated[] = {1, 4};
   EXPECT_EQ(parse_groups(reinterpret_cast<const int64_t*>(truncated), 2, &gb), false);

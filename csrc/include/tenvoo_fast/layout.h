@@ -59,6 +59,16 @@ TF_HD int64_t group_offset(const Group& g, int64_t index) {
   return off;
 }
 
+//! Length of the contiguous runs of a group: the product of its innermost letters' sizes for as
+//! long as their strides are those of a contiguous block (1, then the sizes so far). Indices
+//! i and i+1 within one run (i+1 not a multiple of the run) are adjacent in the weight, which
+//! lets the kernels read and write whole runs with unit stride.
+TF_HD int64_t contiguous_run(const Group& g) {
+  int64_t run = 1;
+  for (int i = g.n - 1; i >= 0 && g.stride[i] == run; --i) run *= g.size[i];
+  return run;
+}
+
 //! Weight offset of element (b, m, n) of the GEMM's output.
 TF_HD int64_t weight_offset(const Groups& gs, int64_t b, int64_t m, int64_t n) {
   return group_offset(gs.batch, b) + group_offset(gs.rows, m) + group_offset(gs.cols, n);

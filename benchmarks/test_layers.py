@@ -13,6 +13,7 @@ from torch import nn
 
 import tenvoo_fast
 from tenvoo_fast import QuanTALinear, TenVOOConv3d, use_backend, use_strategy
+from tenvoo_fast.factorized import conv_costs
 from tenvoo_fast.memory import owned_tensors, saved_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,10 +78,14 @@ def test_plain_conv(benchmark, shape, peer):
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 # triton on the CPU would be its interpreter (a numerics check, not a speed): GPU only.
 # cpu / cuda: the native (csrc) kernels of this device, where the install built them.
-@pytest.mark.parametrize("backend", ["reference", "recompute", "auto", DEVICE]
+# "recompute" and "auto" choose the strategy per layer; the forced /merged and /factorized runs
+# beside them show whether the choice was the faster.
+@pytest.mark.parametrize("backend", ["reference", "recompute", "auto", DEVICE, "recompute/merged",
+                                     "recompute/factorized"]
                          + (["triton"] if DEVICE == "cuda" else []))
 def test_tenvoo_conv(benchmark, shape, adapter, backend):
-    reason = tenvoo_fast.backends.get_backend(backend).unavailable_reason() if backend in (
+    name, _, strategy = backend.partition("/")
+    reason = tenvoo_fast.backends.get_backend(name).unavailable_reason() if name in (
         "cpu", "cuda") else None
     if reason:
         pytest.skip(reason)
@@ -89,10 +94,17 @@ def test_tenvoo_conv(benchmark, shape, adapter, backend):
     layer = TenVOOConv3d.from_conv(nn.Conv3d(cin, cout, 3, padding=1, device=DEVICE), rank,
                                    variant)
     x = torch.randn(1, cin, *vol, device=DEVICE, requires_grad=True)
-    with use_backend(backend):
+    costs = conv_costs(layer.network, tuple(x.shape), vol)
+    if strategy == "factorized" and costs["factorized"] > 10 * costs["merged"]:
+        pytest.skip(f"factorized is estimated at {costs['factorized'] / costs['merged']:.0f}x "
+                    "merged here (rank-sized maps of r³ channels)")
+    with use_backend(name), use_strategy(strategy or "auto"):
         chosen = tenvoo_fast.backends.resolve(layer, x)
-        _run(benchmark, lambda: layer(x).sum().backward(), owned_tensors(layer, x, chosen), layer.weight, shape=shape,
-             method=adapter, backend=backend, resolved=chosen.name)
+        picked = (tenvoo_fast.strategy.conv_strategy(layer, x.shape, vol)
+                  if chosen.name != "reference" else None)
+        _run(benchmark, lambda: layer(x).sum().backward(), owned_tensors(layer, x, chosen),
+             layer.weight, shape=shape, method=adapter, backend=backend,
+             resolved=chosen.name + (f"/{picked}" if picked else ""))
 
 
 @pytest.mark.parametrize("shape", list(LINEAR_SHAPES))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
-from . import strategy
+from . import factorized, strategy
 from .networks import QUANTA_ACTIVATION_EQUATION
 
 
@@ -53,17 +53,24 @@ class RecomputeBackend:
             self.kernel)
 
     def conv3d(self, layer, x):
-        strategy.conv_strategy(layer)
         dt = layer.compute_dtype(x)
         x = x.to(dt)
         padding = list(layer.padding)
         if layer.padding_mode != "zeros":
             x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
             padding = [0, 0, 0]
+        conv = list(layer.stride) + padding + list(layer.dilation)
+        out_spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+                       zip(x.shape[2:], layer.kernel_size, layer.stride, padding, layer.dilation)]
+        if strategy.conv_strategy(layer, x.shape, out_spatial) == "factorized":
+            frozen = [] if layer.frozen_cores is None else list(layer.frozen_cores)
+            return torch.ops.tenvoo_fast.factored_conv3d(
+                x, layer.weight, list(layer.cores), frozen, layer.bias, layer.network.equation,
+                ",".join(factorized.network_letters(layer.network)), layer.network.scale, conv)
         return torch.ops.tenvoo_fast.adapted_conv3d(
             x, layer.weight, layer.frozen_delta_weight(self), _views(layer.network, layer.cores),
-            layer.bias, layer.network.equation, layer.network.scale, list(layer.stride), padding,
-            list(layer.dilation), self.kernel)
+            layer.bias, layer.network.equation, layer.network.scale, conv[0:3], conv[3:6],
+            conv[6:9], self.kernel)
 
     def linear(self, layer, x):
         x = x.to(layer.compute_dtype(x))

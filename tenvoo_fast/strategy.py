@@ -3,9 +3,10 @@
 - ``"merged"`` (fast-path design 1): build ``W - T(θ0) + T(θ)`` and run the framework's
   conv/linear on it; backward turns dL/dW into the cores' gradients.
 - ``"factorized"``: apply the adapter to the activations beside the frozen base layer
-  (:func:`tenvoo_fast.ops.factored_linear`); no weight-sized tensor and no dL/dW at all. For
-  now QuanTA Linear layers only.
-- ``"auto"`` (default): per layer, the cheaper of the two by :func:`linear_costs`.
+  (QuanTA Linear: :func:`tenvoo_fast.ops.factored_linear`; TenVOO Conv3d:
+  :mod:`tenvoo_fast.factorized`); no weight-sized tensor and no dL/dW at all.
+- ``"auto"`` (default): per layer and input shape, the cheaper of the two by a flop model
+  (:func:`linear_costs`, :func:`tenvoo_fast.factorized.conv_costs`).
 
 ``use_strategy(name)`` overrides the choice for a block; a layer that cannot run the named
 strategy raises and says which it can run. Strategies are how the fast backends execute; the
@@ -19,6 +20,7 @@ from functools import lru_cache
 from typing import Iterator
 
 import opt_einsum
+import torch
 
 from .errors import AdapterError
 from .networks import QUANTA_ACTIVATION_EQUATION
@@ -75,17 +77,36 @@ def linear_strategy(layer, tokens: int) -> str:
                            "'merged' or 'auto'")
     if name != "auto" or not can_factor:
         return "merged" if name == "auto" else name
-    costs = linear_costs(layer.network, max(tokens, 1))
+    return _cheapest_linear(layer.network, max(int(tokens), 1))
+
+
+# The choices depend only on the network and static shapes: under torch.compile they are made
+# once at trace time and baked into the graph as constants.
+@torch.compiler.assume_constant_result
+def _cheapest_linear(network, tokens: int) -> str:
+    costs = linear_costs(network, tokens)
     return min(costs, key=costs.get)
 
 
-def conv_strategy(layer) -> str:
-    """Convolutions run merged until the factorized and implicit-GEMM strategies land."""
+@torch.compiler.assume_constant_result
+def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple) -> str:
+    from .factorized import conv_costs
+    costs = conv_costs(network, x_shape, out_spatial)
+    return min(costs, key=costs.get)
+
+
+def conv_strategy(layer, x_shape, out_spatial) -> str:
+    """The strategy ``layer`` (an adapted Conv3d) runs with for an input of ``x_shape``."""
     name = current_strategy()
-    if name not in ("auto", "merged"):
-        raise AdapterError(f"{layer.adapter_name}: strategy {name!r} is not implemented for "
-                           "Conv3d layers yet; use 'merged' or 'auto'")
-    return "merged"
+    can_factor = layer.network.method.startswith("tenvoo")
+    if name == "factorized" and not can_factor:
+        raise AdapterError(f"{layer.adapter_name}: strategy 'factorized' is implemented for "
+                           f"TenVOO Conv3d layers, not {layer.network.method}; use 'merged' "
+                           "or 'auto'")
+    if name != "auto" or not can_factor:
+        return "merged" if name == "auto" else name
+    return _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
+                          tuple(int(n) for n in out_spatial))
 
 
 __all__ = ["STRATEGIES", "current_strategy", "use_strategy", "linear_costs", "linear_strategy",

@@ -86,8 +86,10 @@ def check_against_oracle(layer, x, kind, tol):
 
 @pytest.fixture(params=["reference", "recompute", "cpu"])
 def backend(request):
-    """Every execution backend must match the same oracle."""
-    with use_backend(request.param):
+    """Every execution backend must match the same oracle; the fast ones with their merged
+    strategy here (so that their kernels run whatever the shape), the factorized one in
+    test_factorized.py."""
+    with use_backend(request.param), use_strategy("merged"):
         yield request.param
 
 

@@ -1,0 +1,294 @@
+"""Factorised execution of a TenVOO Conv3d (strategy ``"factorized"``, fast-path design 3).
+
+A TenVOO network splits into three blocks by what its cores touch: the input block U (the
+cores holding the input-channel letters), the output block V (output-channel letters) and the
+kernel block K (everything else: the kD/kH/kW cores and the cross cores). Contracted
+separately they are small: U is (Cin, R_U), V is (Cout, R_V) and K is an R_U -> R_V 3D kernel,
+with R_U, R_V the bond dimensions between the blocks (r³ for TenVOO-L and -Q). Then
+
+    conv3d(x, ΔW) = V · conv3d(U · x, K)        (U and V as 1x1x1 convolutions)
+
+exactly (1x1x1 maps commute with the spatial convolution, including its stride, padding and
+dilation), so the adapter runs on the activations beside the frozen base conv and no
+weight-sized tensor, and no dL/dW pass, exists at all. The frozen copy is applied the same way
+and subtracted (``A(x; θ) - A(x; θ0)``), so at initialisation the layer returns its base conv's
+output exactly. The adapter term is computed in fp32 (fp64 for fp64 layers); the base conv in
+the input's dtype. Backward recomputes the rank-sized maps from the saved input instead of
+keeping them, and turns the blocks' gradients into every core's through their own environment
+contractions.
+
+It pays off where Cin·Cout is large against the blocks' ranks and the voxels are few
+(:func:`conv_costs` estimates both strategies for :mod:`tenvoo_fast.strategy`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import opt_einsum
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import environment, simplify
+from .reference import contraction_dtype
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The reduced network's U, K and V blocks: core positions and einsum equations."""
+    u_cores: tuple[int, ...]
+    k_cores: tuple[int, ...]
+    v_cores: tuple[int, ...]
+    u_equation: str      # -> in letters + U bonds
+    k_equation: str      # -> U bonds + kernel letters + V bonds
+    v_equation: str      # -> out letters + V bonds
+    rank_u: int
+    rank_v: int
+
+
+def _letters(equation: str):
+    lhs, out = equation.split("->")
+    return lhs.split(","), out
+
+
+@lru_cache(maxsize=None)
+def partition(equation: str, shapes: tuple, out_letters: str, in_letters: str,
+              kernel_letters: str) -> Partition:
+    """Split a (reduced) weight network into its U, K and V blocks; ValueError if the network
+    does not factor that way (a core touching both channel sides, or U and V sharing a bond)."""
+    terms, _ = _letters(equation)
+    sizes = {l: n for t, s in zip(terms, shapes) for l, n in zip(t, s)}
+    u = tuple(i for i, t in enumerate(terms) if set(t) & set(in_letters))
+    v = tuple(i for i, t in enumerate(terms) if set(t) & set(out_letters))
+    if set(u) & set(v):
+        raise ValueError(f"{equation}: a core holds both input and output channel letters")
+    k = tuple(i for i in range(len(terms)) if i not in u and i not in v)
+
+    def block_letters(block):
+        return set("".join(terms[i] for i in block))
+
+    lu, lk, lv = block_letters(u), block_letters(k), block_letters(v)
+    if (lu & lv) - set(kernel_letters):
+        raise ValueError(f"{equation}: the input and output blocks share bonds "
+                         f"{sorted(lu & lv)}; no factorised form")
+    if (lu | lv) & set(kernel_letters):
+        raise ValueError(f"{equation}: a kernel letter sits in a channel block")
+    bonds_u = "".join(sorted((lu & lk) - set(in_letters)))
+    bonds_v = "".join(sorted((lv & lk) - set(out_letters)))
+
+    def eq(block, out):
+        return ",".join(terms[i] for i in block) + "->" + out
+
+    return Partition(u, k, v, eq(u, in_letters + bonds_u),
+                     eq(k, bonds_u + kernel_letters + bonds_v), eq(v, out_letters + bonds_v),
+                     math.prod(sizes[l] for l in bonds_u), math.prod(sizes[l] for l in bonds_v))
+
+
+def network_letters(network) -> tuple[str, str, str]:
+    """(out, in, kernel) letters of a TenVOO network's output (``ABCabcxyz``)."""
+    out = network.output
+    n_out, n_in = len(network.meta["out_factors"]), len(network.meta["in_factors"])
+    return out[:n_out], out[n_out:n_out + n_in], out[n_out + n_in:]
+
+
+def _reduced(cores, equation):
+    p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
+    dtype = contraction_dtype(cores)
+    return p, simplify.reduce_cores(p, [c.to(dtype) for c in cores])
+
+
+def _block(equation, cores, idx):
+    """(steps, nodes, result) of one block's contraction (kept for its reverse sweep)."""
+    ops = [cores[i] for i in idx]
+    if len(ops) == 1:    # a single core: its einsum is a permutation (or a sum)
+        return None, None, torch.einsum(equation, ops[0])
+    return environment.contract(equation, ops)
+
+
+def _block_grads(equation, cores, idx, state, grad):
+    steps, nodes, _ = state
+    if steps is None:
+        (term,), out = _letters(equation)
+        return [environment._grad_operand(grad, out, grad.new_ones(()), "", term,
+                                          cores[idx[0]].shape)]
+    return environment.operand_grads(steps, nodes, len(idx), grad)
+
+
+def _maps(part, cores, cin, cout, kernel_shape):
+    """U as a (R_U, Cin, 1, 1, 1) kernel, K as (R_V, R_U, kD, kH, kW), V as (Cout, R_V, 1, 1, 1),
+    and the block states for the reverse sweep."""
+    su = _block(part.u_equation, cores, part.u_cores)
+    sk = _block(part.k_equation, cores, part.k_cores)
+    sv = _block(part.v_equation, cores, part.v_cores)
+    u = su[2].reshape(cin, part.rank_u).t().reshape(part.rank_u, cin, 1, 1, 1)
+    k = sk[2].reshape(part.rank_u, -1, part.rank_v).permute(2, 0, 1).reshape(
+        part.rank_v, part.rank_u, *kernel_shape)
+    v = sv[2].reshape(cout, part.rank_v, 1, 1, 1)
+    return (u, k, v), (su, sk, sv)
+
+
+def _conv_args(conv):
+    return conv[0:3], conv[3:6], conv[6:9]
+
+
+def _apply(x, maps, conv):
+    u, k, v = maps
+    stride, padding, dilation = _conv_args(conv)
+    z1 = F.conv3d(x, u)
+    z2 = F.conv3d(z1, k, None, stride, padding, dilation)
+    return F.conv3d(z2, v), z1, z2
+
+
+def _setup(cores, frozen, equation, letters, base):
+    p, reduced = _reduced(cores, equation)
+    part = partition(p.equation, tuple(tuple(c.shape) for c in reduced), *letters.split(","))
+    red_frozen = _reduced(frozen, equation)[1] if frozen else None
+    cout, cin, *kernel_shape = base.shape
+    return p, part, reduced, red_frozen, cin, cout, kernel_shape
+
+
+@torch.library.custom_op("tenvoo_fast::factored_conv3d", mutates_args=())
+def factored_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
+                    bias: Optional[Tensor], equation: str, letters: str, scale: float,
+                    conv: list[int]) -> Tensor:
+    """``conv3d(x, W, bias) + scale * (A(x; θ) - A(x; θ0))`` with ``A = V·conv(U·x, K)`` (see the
+    module docstring); ``letters`` = "out,in,kernel" letters (e.g. ``"ABC,abc,xyz"``), ``conv`` = stride + padding +
+    dilation (9 ints); ``frozen`` empty: no frozen copy."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        p, part, reduced, red_frozen, cin, cout, ks = _setup(cores, frozen, equation, letters,
+                                                             base)
+        stride, padding, dilation = _conv_args(conv)
+        y = F.conv3d(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype), stride,
+                     padding, dilation)
+        x32 = x.to(reduced[0].dtype)
+        delta = _apply(x32, _maps(part, reduced, cin, cout, ks)[0], conv)[0]
+        if red_frozen is not None:
+            delta = delta - _apply(x32, _maps(part, red_frozen, cin, cout, ks)[0], conv)[0]
+        return (y.to(delta.dtype) + scale * delta).to(x.dtype)
+
+
+@factored_conv3d.register_fake
+def _(x, base, cores, frozen, bias, equation, letters, scale, conv):
+    stride, padding, dilation = _conv_args(conv)
+    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+               zip(x.shape[2:], base.shape[2:], stride, padding, dilation)]
+    return x.new_empty((x.shape[0], base.shape[0], *spatial))
+
+
+def _input_grad(g, maps, z1, conv, need_k: bool):
+    """dL/dx of A(x) given dL/dA = g, and dL/dz1 (and dL/dK if ``need_k``; z1 = U·x, whose
+    values matter only then: otherwise any tensor of its shape will do)."""
+    u, k, v = maps
+    stride, padding, dilation = _conv_args(conv)
+    gz2 = F.conv3d(g, v.transpose(0, 1))
+    gz1, gk, _ = torch.ops.aten.convolution_backward(
+        gz2, z1, k, None, stride, padding, dilation, False, [0, 0, 0], 1, [True, need_k, False])
+    gx = F.conv3d(gz1, u.transpose(0, 1))
+    return gx, gz1, gk
+
+
+@torch.library.custom_op("tenvoo_fast::factored_conv3d_backward", mutates_args=())
+def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
+                             frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
+                             need_bias: bool, equation: str, letters: str, scale: float,
+                             conv: list[int]) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of :func:`factored_conv3d`, recomputing U·x and
+    conv(U·x, K) from the saved input; the cores' gradients come from the blocks' gradients
+    (dV = g ⊗ z2, dK from the small conv's weight gradient, dU = x ⊗ dz1) by each block's
+    reverse sweep."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        p, part, reduced, red_frozen, cin, cout, ks = _setup(cores, frozen, equation, letters,
+                                                             base)
+        stride, padding, dilation = _conv_args(conv)
+        dtype = reduced[0].dtype
+        x32 = x.to(dtype)
+        g = grad_out.to(x.dtype)
+        g32 = grad_out.to(dtype) * scale
+        maps, states = _maps(part, reduced, cin, cout, ks)
+        _, z1, z2 = _apply(x32, maps, conv)
+        gx_a, gz1, gk = _input_grad(g32, maps, z1, conv, True)
+        gv = torch.einsum("no...,nr...->or", g32, z2)
+        gu = torch.einsum("nc...,nr...->cr", x32, gz1)
+        block_grads = [
+            gu.reshape(states[0][2].shape),
+            gk.reshape(part.rank_v, part.rank_u, -1).permute(1, 2, 0).reshape(states[1][2].shape),
+            gv.reshape(states[2][2].shape)]
+        grads = [None] * len(reduced)
+        for (eq, idx), st, gb in zip(((part.u_equation, part.u_cores),
+                                      (part.k_equation, part.k_cores),
+                                      (part.v_equation, part.v_cores)), states, block_grads):
+            for i, gi in zip(idx, _block_grads(eq, reduced, idx, st, gb)):
+                grads[i] = gi
+        core_grads = [simplify.expand_grad(p, i, gr, tuple(c.shape)).to(c.dtype).contiguous()
+                      for i, (gr, c) in enumerate(zip(grads, cores))]
+        empty = x.new_empty(0)
+        gx = empty
+        if need_x:
+            gx_base = torch.ops.aten.convolution_backward(
+                g, x, base.to(x.dtype), None, stride, padding, dilation, False, [0, 0, 0], 1,
+                [True, False, False])[0]
+            if red_frozen is not None:
+                maps0, _ = _maps(part, red_frozen, cin, cout, ks)
+                gx_a = gx_a - _input_grad(g32, maps0, z1, conv, False)[0]
+            gx = (gx_base.to(dtype) + gx_a).to(x.dtype).contiguous()
+        gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else empty
+        return [gx, gb] + core_grads
+
+
+@factored_conv3d_backward.register_fake
+def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, letters, scale, conv):
+    return ([torch.empty_like(x) if need_x else x.new_empty(0),
+             torch.empty_like(bias) if need_bias else x.new_empty(0)]
+            + [torch.empty_like(c) for c in cores])
+
+
+def _setup_context(ctx, inputs, output):
+    x, base, cores, frozen, bias, equation, letters, scale, conv = inputs
+    ctx.save_for_backward(x, base, bias, *cores, *frozen)
+    ctx.n_cores, ctx.n_frozen = len(cores), len(frozen)
+    ctx.equation, ctx.letters, ctx.scale, ctx.conv = equation, letters, scale, conv
+
+
+def _backward(ctx, grad_out):
+    x, base, bias, *rest = ctx.saved_tensors
+    cores, frozen = rest[:ctx.n_cores], rest[ctx.n_cores:]
+    need_x = ctx.needs_input_grad[0]
+    need_b = bias is not None and ctx.needs_input_grad[4]
+    gx, gb, *grad_cores = torch.ops.tenvoo_fast.factored_conv3d_backward(
+        grad_out, x, base, cores, frozen, bias, need_x, need_b, ctx.equation, ctx.letters,
+        ctx.scale, ctx.conv)
+    return (gx if need_x else None, None, grad_cores, [None] * ctx.n_frozen,
+            gb if need_b else None, None, None, None, None)
+
+
+factored_conv3d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- cost model --------------------------------------------------------------------------------
+def _flops(equation, shapes) -> int:
+    return int(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")[1].opt_cost)
+
+
+def conv_costs(network, x_shape, out_spatial) -> dict[str, int]:
+    """Estimated extra flops of one fwd+bwd over the frozen conv's (forward + input gradient),
+    per strategy, for an input of ``x_shape`` and an output of ``out_spatial`` voxels.
+
+    merged: the weight built twice and swept back once (about four builds, opt_einsum's
+    count) plus the dL/dW pass, as costly as the conv itself. factorized: the three maps of
+    A(x) = V·conv(U·x, K) (2 flops per multiply-add), run about seven times (θ and θ0 in
+    forward; in backward θ's recompute, input and block gradients and θ0's recompute and
+    input gradient).
+    """
+    cout, cin, *k = network.weight_shape
+    n = x_shape[0]
+    vin, vout = n * math.prod(x_shape[2:]), n * math.prod(out_spatial)
+    kvol = math.prod(k)
+    p = simplify.plan(network.equation, network.shapes)
+    part = partition(p.equation, p.shapes, *network_letters(network))
+    merged = 4 * _flops(p.equation, p.shapes) + 2 * vout * cin * cout * kvol
+    path = 2 * (vin * cin * part.rank_u + vout * part.rank_u * part.rank_v * kvol
+                + vout * part.rank_v * cout)
+    return {"merged": merged, "factorized": 7 * path}

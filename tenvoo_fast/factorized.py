@@ -272,7 +272,8 @@ def _flops(equation, shapes) -> int:
     return int(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")[1].opt_cost)
 
 
-def conv_costs(network, x_shape, out_spatial) -> dict[str, int]:
+@lru_cache(maxsize=4096)
+def conv_costs(network, x_shape: tuple, out_spatial: tuple) -> dict[str, int]:
     """Estimated extra flops of one fwd+bwd over the frozen conv's (forward + input gradient),
     per strategy, for an input of ``x_shape`` and an output of ``out_spatial`` voxels.
 
@@ -280,7 +281,7 @@ def conv_costs(network, x_shape, out_spatial) -> dict[str, int]:
     count) plus the dL/dW pass, as costly as the conv itself. factorized: the three maps of
     A(x) = V·conv(U·x, K) (2 flops per multiply-add), run about seven times (θ and θ0 in
     forward; in backward θ's recompute, input and block gradients and θ0's recompute and
-    input gradient).
+    input gradient). Cached per network and shapes (the path search costs milliseconds).
     """
     cout, cin, *k = network.weight_shape
     n = x_shape[0]

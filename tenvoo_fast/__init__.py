@@ -11,7 +11,8 @@ from .checkpoint import load_adapter, read_adapter_metadata, save_adapter
 from .config import AdapterConfig
 from .errors import AdapterError
 from .strategy import current_strategy, use_strategy
-from .model import adapter_layers, count_parameters, inject, merge_and_unload
+from .model import (adapter_layers, count_parameters, execution_plan, inject,
+                    merge_and_unload)
 from .modules import (AdapterLayer, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d,
                       LoRALinear, QuanTALinear, TenVOOConv3d)
 from .reference import ReferenceBackend as _ReferenceBackend
@@ -30,7 +31,8 @@ __all__ = [
     "__version__", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",
     "QuanTALinear", "LoRAConv3d", "LoHaConv3d", "LoKrConv3d", "LoRALinear", "LoHaLinear",
     "LoKrLinear", "inject", "merge_and_unload", "save_adapter", "load_adapter",
-    "read_adapter_metadata", "adapter_layers", "count_parameters", "available_backends",
+    "read_adapter_metadata", "adapter_layers", "execution_plan", "count_parameters",
+    "available_backends",
     "current_backend", "use_backend", "set_backend", "use_strategy", "current_strategy",
     "presets",
 ]

@@ -39,7 +39,7 @@ from .config import METHODS as ADAPTER_METHODS, AdapterConfig
 from .data import training_volumes
 from .errors import RunError, one_line
 from .io import atomic_path, write_json_atomic
-from .model import adapter_layers, count_parameters, inject, unwrap
+from .model import adapter_layers, count_parameters, execution_plan, inject, unwrap
 from .unets import DEFAULT_SIZES, build_unet, downsampling_factor
 from .weights import load_into
 
@@ -221,7 +221,8 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
                 if main else None)
     metrics.update(steps=steps, losses=losses, val_loss=val_loss, step_time_s=step_time,
                    volumes_per_s=volumes_per_step / step_time if step_time else None,
-                   peak_memory_bytes=_peak_memory_bytes(device))
+                   peak_memory_bytes=_peak_memory_bytes(device),
+                   execution=execution_plan(model))
     say("validation loss: " + (
         f"{val_loss:.4f} ({len(val_set)} volume(s) x {VAL_TIMESTEPS} timesteps)"
         if val_loss is not None else "n/a (no validation volume)"))

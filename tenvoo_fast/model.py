@@ -24,6 +24,16 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, AdapterLayer)}
 
 
+def execution_plan(model: nn.Module) -> list[dict]:
+    """How each adapted layer ran in its latest forward: name, method, backend and strategy
+    (``"merged"``/``"factorized"`` for the fast backends; None for the reference, which has
+    one way, or for a layer that has not run yet)."""
+    return [dict(layer=name, method=m.network.method,
+                 backend=getattr(m, "execution_backend", None),
+                 strategy=getattr(m, "execution_strategy", None))
+            for name, m in adapter_layers(model).items()]
+
+
 def get_config(model: nn.Module) -> AdapterConfig | None:
     return getattr(unwrap(model), _CONFIG_ATTR, None)
 

@@ -35,7 +35,8 @@ PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",
-            "step_time_s", "volumes_per_s", "peak_memory_bytes", "val_loss", "amp", "backend")
+            "step_time_s", "volumes_per_s", "peak_memory_bytes", "val_loss", "amp", "backend",
+            "execution")
 
 
 def finetune_argv(opts: argparse.Namespace, method: str) -> list[str]:
@@ -97,7 +98,7 @@ def run(opts: argparse.Namespace) -> dict:
         f.write(table)
     plot(profile, out / PROFILE_PNG)
     write_json_atomic(out / PROFILE_JSON, profile)
-    print("\n" + table)
+    print("\n" + markdown_table(profile, details=False))
     print(f"wrote {out / PROFILE_MD}, {out / PROFILE_PNG}, {out / PROFILE_JSON}")
     return profile
 
@@ -112,8 +113,9 @@ def _fmt(value, scale: float, digits: int) -> str:
     return "n/a" if value is None else f"{value * scale:,.{digits}f}"
 
 
-def markdown_table(profile: dict) -> str:
-    """The profile as a markdown table with a caption."""
+def markdown_table(profile: dict, details: bool = True) -> str:
+    """The profile as a markdown table with a caption, then how each adapted layer ran (per
+    method: a summary, and with ``details`` one line per layer)."""
     rows = profile["rows"]
     first = rows[0]
     ref = first["method"]
@@ -148,7 +150,33 @@ def markdown_table(profile: dict) -> str:
                     "one after another in one process and the peak RSS only grows, so each row "
                     "is the peak so far, never less than the rows above it; compare memory on "
                     "CUDA, or run the methods one per process.")
-    return "\n".join(lines) + "\n\n" + caption + "\n"
+    return "\n".join(lines) + "\n\n" + caption + "\n" + execution_table(rows, details)
+
+
+def _how(layer: dict) -> str:
+    if layer["backend"] is None:
+        return "did not run"
+    return layer["backend"] + (f"/{layer['strategy']}" if layer["strategy"] else "")
+
+
+def execution_table(rows: list[dict], details: bool = True) -> str:
+    """Which backend and strategy ran each adapted layer, per method (from the last step)."""
+    out = []
+    for row in rows:
+        layers = row.get("execution") or []
+        if not layers:
+            continue
+        counts: dict[str, int] = {}
+        for layer in layers:
+            counts[_how(layer)] = counts.get(_how(layer), 0) + 1
+        summary = ", ".join(f"{how}: {n}" for how, n in sorted(counts.items()))
+        out += ["", f"**{row['method']}**: {len(layers)} adapted layers ({summary})"]
+        if details:
+            out += ["", "| layer | method | ran as |", "|---|---|---|"]
+            out += [f"| {l['layer']} | {l['method']} | {_how(l)} |" for l in layers]
+    if not out:
+        return ""
+    return "\n### Execution per layer\n" + "\n".join(out) + "\n"
 
 
 def plot(profile: dict, path: Path) -> None:

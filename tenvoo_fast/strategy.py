@@ -67,8 +67,18 @@ def linear_costs(network, tokens: int) -> dict[str, int]:
     return {"merged": 4 * build + 2 * tokens * in_f * out_f, "factorized": 7 * act}
 
 
+def _record(layer, choice: str) -> str:
+    if not torch.compiler.is_compiling():
+        layer.execution_strategy = choice
+    return choice
+
+
 def linear_strategy(layer, tokens: int) -> str:
     """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input."""
+    return _record(layer, _linear_strategy(layer, tokens))
+
+
+def _linear_strategy(layer, tokens: int) -> str:
     name = current_strategy()
     can_factor = layer.network.method == "quanta"
     if name == "factorized" and not can_factor:
@@ -97,6 +107,10 @@ def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple) -> str:
 
 def conv_strategy(layer, x_shape, out_spatial) -> str:
     """The strategy ``layer`` (an adapted Conv3d) runs with for an input of ``x_shape``."""
+    return _record(layer, _conv_strategy(layer, x_shape, out_spatial))
+
+
+def _conv_strategy(layer, x_shape, out_spatial) -> str:
     name = current_strategy()
     can_factor = layer.network.method.startswith("tenvoo")
     if name == "factorized" and not can_factor:

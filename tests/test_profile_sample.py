@@ -42,8 +42,16 @@ def test_profile_writes_table_chart_and_json(tmp_path, capsys):
     assert {"torch", "monai", "tenvoo_fast"} <= set(profile["versions"]) and profile["date"]
 
     table = (tmp_path / "profile.md").read_text()
-    body = [line for line in table.splitlines() if line.startswith("| ")]
+    main_table, _, execution = table.partition("### Execution per layer")
+    body = [line for line in main_table.splitlines() if line.startswith("| ")]
     assert len(body) == 3  # header and two rows
+    # Every adapted layer of the adapter run is listed with the backend and strategy it ran.
+    plan = rows[1]["execution"]
+    assert plan and len(plan) == rows[1]["adapted_layers"] and rows[0]["execution"] == []
+    for layer in plan:
+        assert layer["backend"] in ("recompute", "reference")
+        assert (layer["strategy"] in ("merged", "factorized")) == (layer["backend"] != "reference")
+        assert f"| {layer['layer']} | {layer['method']} |" in execution
     assert f"| tenvoo-l | {rows[1]['trainable_params']:,} |" in table
     assert "vs full" in body[0] and "RSS" in table and "only grows" in table
     assert (tmp_path / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -142,7 +142,12 @@ class AdapterLayer:
 
     def _dispatch_forward(self, x: torch.Tensor, op: str) -> torch.Tensor:
         x = self._check_input(x)
-        return getattr(backends.resolve(self, x), op)(self, x)
+        backend = backends.resolve(self, x)
+        if not torch.compiler.is_compiling():
+            # What ran, for model.execution_plan (the strategy is recorded by the strategy
+            # choice itself; the reference has none).
+            self.execution_backend, self.execution_strategy = backend.name, None
+        return getattr(backend, op)(self, x)
 
     # -- merging ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,6 +1,10 @@
-"""Factorised execution of a TenVOO Conv3d (strategy ``"factorized"``, fast-path design 3).
+"""Factorised execution (strategy ``"factorized"``, fast-path design 3): the adapter applied to
+the activations beside the frozen base layer, so that no weight-sized tensor and no dL/dW exist.
 
-A TenVOO network splits into three blocks by what its cores touch: the input block U (the
+QuanTA on a Linear (:func:`factored_linear`): the three gates applied to x viewed as
+(..., n1, n2, n3), the published activation form.
+
+TenVOO on a Conv3d (:func:`factored_conv3d`): a TenVOO network splits into three blocks by what its cores touch: the input block U (the
 cores holding the input-channel letters), the output block V (output-channel letters) and the
 kernel block K (everything else: the kD/kH/kW cores and the cross cores). Contracted
 separately they are small: U is (Cin, R_U), V is (Cout, R_V) and K is an R_U -> R_V 3D kernel,
@@ -265,6 +269,104 @@ def _backward(ctx, grad_out):
 
 
 factored_conv3d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- QuanTA on Linear: the gates applied to the activations ----------------------------------
+def _token_equation(equation: str) -> str:
+    """``"...abc,...->...ghi"`` with the ellipsis replaced by one token letter."""
+    letter = next(c for c in "tTuvwxyzjklmnopqrs" if c not in equation)
+    return equation.replace("...", letter)
+
+
+def _factored_x(x: Tensor, eq: str, cores: list[Tensor]) -> Tensor:
+    """x as (tokens, *input axes) in the contraction dtype."""
+    terms = eq.split("->")[0].split(",")
+    sizes = {l: n for t, c in zip(terms[1:], cores) for l, n in zip(t, c.shape)}
+    return x.reshape(-1, *[sizes[l] for l in terms[0][1:]]).to(contraction_dtype(cores))
+
+
+def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
+    return environment.contract(eq, [x3, *cores])[2].reshape(x3.shape[0], -1)
+
+
+@torch.library.custom_op("tenvoo_fast::factored_linear", mutates_args=())
+def factored_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
+                    bias: Optional[Tensor], equation: str, scale: float) -> Tensor:
+    """``linear(x, W) + scale * (A(x; θ) - A(x; θ0))`` with A the adapter applied to the
+    activations (``equation``, e.g. QuanTA's ``...abc,efbc,diaf,ghde->...ghi``); ``frozen``
+    empty means no frozen copy. Equal to the merged ``linear(x, W - Q(θ0) + Q(θ))`` in exact
+    arithmetic; the base GEMM runs in x's dtype and the adapter term in fp32 (fp64), so the
+    frozen-copy layer reproduces the base layer exactly at initialisation."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        eq = _token_equation(equation)
+        x3 = _factored_x(x, eq, cores)
+        delta = _apply_gates(x3, cores, eq)
+        if frozen:
+            delta = delta - _apply_gates(x3, frozen, eq)
+        y = F.linear(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        y = y.reshape(-1, base.shape[0]).to(delta.dtype) + scale * delta
+        return y.to(x.dtype).reshape(*x.shape[:-1], base.shape[0])
+
+
+@factored_linear.register_fake
+def _(x, base, cores, frozen, bias, equation, scale):
+    return x.new_empty((*x.shape[:-1], base.shape[0]))
+
+
+@torch.library.custom_op("tenvoo_fast::factored_linear_backward", mutates_args=())
+def factored_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
+                             frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
+                             need_bias: bool, equation: str, scale: float) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of :func:`factored_linear`, recomputing the adapter's
+    partial products (only x and the cores were saved)."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        eq = _token_equation(equation)
+        x3 = _factored_x(x, eq, cores)
+        g = grad_out.reshape(-1, base.shape[0])
+        g_adapter = g.to(x3.dtype) * scale
+
+        def grads(gates):
+            steps, nodes, out = environment.contract(eq, [x3, *gates])
+            return environment.operand_grads(steps, nodes, len(gates) + 1,
+                                             g_adapter.reshape(out.shape))
+
+        gx_adapter, *core_grads = grads(cores)
+        empty = x.new_empty(0)
+        gx = empty
+        if need_x:
+            if frozen:
+                gx_adapter = gx_adapter - grads(frozen)[0]
+            gx = (g.matmul(base.to(x.dtype)).to(x3.dtype) + gx_adapter.reshape(g.shape[0], -1))
+            gx = gx.to(x.dtype).reshape(x.shape)
+        gb = g.sum(0).to(bias.dtype) if need_bias else empty
+        return [gx, gb] + [cg.to(c.dtype).contiguous() for cg, c in zip(core_grads, cores)]
+
+
+@factored_linear_backward.register_fake
+def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale):
+    return ([torch.empty_like(x) if need_x else x.new_empty(0),
+             torch.empty_like(bias) if need_bias else x.new_empty(0)]
+            + [torch.empty_like(c) for c in cores])
+
+
+def _setup_factored(ctx, inputs, output):
+    x, base, cores, frozen, bias, equation, scale = inputs
+    ctx.save_for_backward(x, base, bias, *cores, *frozen)
+    ctx.n_cores, ctx.equation, ctx.scale = len(cores), equation, scale
+
+
+def _backward_factored(ctx, grad_out):
+    x, base, bias, *rest = ctx.saved_tensors
+    cores, frozen = rest[:ctx.n_cores], rest[ctx.n_cores:]
+    need_x = ctx.needs_input_grad[0]
+    need_b = bias is not None and ctx.needs_input_grad[4]
+    gx, gb, *grad_cores = torch.ops.tenvoo_fast.factored_linear_backward(
+        grad_out, x, base, cores, frozen, bias, need_x, need_b, ctx.equation, ctx.scale)
+    return (gx if need_x else None, None, grad_cores, [None] * len(frozen),
+            gb if need_b else None, None, None)
+
+
+factored_linear.register_autograd(_backward_factored, setup_context=_setup_factored)
 
 
 # -- cost model --------------------------------------------------------------------------------

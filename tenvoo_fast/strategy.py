@@ -3,7 +3,7 @@
 - ``"merged"`` (fast-path design 1): build ``W - T(θ0) + T(θ)`` and run the framework's
   conv/linear on it; backward turns dL/dW into the cores' gradients.
 - ``"factorized"``: apply the adapter to the activations beside the frozen base layer
-  (QuanTA Linear: :func:`tenvoo_fast.ops.factored_linear`; TenVOO Conv3d:
+  (QuanTA Linear: :func:`tenvoo_fast.factorized.factored_linear`; TenVOO Conv3d:
   :mod:`tenvoo_fast.factorized`); no weight-sized tensor and no dL/dW at all.
 - ``"auto"`` (default): per layer and input shape, the cheaper of the two by a flop model
   (:func:`linear_costs`, :func:`tenvoo_fast.factorized.conv_costs`).

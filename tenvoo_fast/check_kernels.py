@@ -4,7 +4,8 @@ Triton: each kernel is compiled (``triton.compile`` of an ``ASTSource`` for a ``
 configuration the dispatch can launch: each constexpr combination and each dtype of the weight,
 the base weight and dL/dW, for each requested architecture. This catches what the interpreter
 cannot (dot shape rules, layouts, shared-memory limits). CUDA: every ``.cu`` file under
-``csrc/`` is compiled by nvcc (compile only, with setup.py's flags) for each architecture;
+``csrc/`` is compiled by nvcc (compile only, with setup.py's flags) for each architecture, and
+the CUDA extension's host files are checked by g++ against torch's headers;
 without nvcc, or outside a source checkout, those lines say ``skipped`` and why. One line per
 kernel configuration (or file) and architecture; the exit status is non-zero if any failed.
 """
@@ -82,6 +83,36 @@ def compile_cu(path: Path, arch: int, compiler: str) -> str | None:
     return lines[0].strip()
 
 
+def check_cuda_binding(path: Path, compiler: str) -> str | None:
+    """g++ -fsyntax-only of a CUDA extension's host file against torch's headers (a CPU
+    torch lacks one generated CUDA header, which is stubbed); None on success."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+             str(Path(compiler).resolve().parents[1]), "/usr/local/cuda"]
+    cuda_include = next((Path(h) / "include" for h in homes
+                         if h and (Path(h) / "include" / "cuda_runtime.h").exists()), None)
+    if cuda_include is None:
+        return "cuda_runtime.h not found (set CUDA_HOME)"
+    with tempfile.TemporaryDirectory() as tmp:
+        includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"],
+                    str(cuda_include),
+                    str(CSRC / "include")]
+        if not any((Path(d) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for d in includes):
+            stub = Path(tmp) / "c10/cuda/impl/cuda_cmake_macros.h"
+            stub.parent.mkdir(parents=True)
+            stub.write_text("#pragma once\n")
+            includes.insert(0, tmp)
+        cmd = ["g++", "-fsyntax-only", "-std=c++20", *[f"-I{d}" for d in includes],
+               "-DTORCH_EXTENSION_NAME=_C_cuda", str(path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    lines = [l for l in proc.stderr.splitlines() if "error" in l] or [f"g++ exited {proc.returncode}"]
+    return lines[0].strip()
+
+
 def run_cuda(archs: list[int]) -> int:
     """Compile every csrc .cu file for ``archs``; one line each; return the failures."""
     files = sorted(CSRC.rglob("*.cu")) if CSRC.is_dir() else []
@@ -96,6 +127,12 @@ def run_cuda(archs: list[int]) -> int:
         err = compile_cu(path, arch, compiler)
         name = path.relative_to(CSRC.parent)
         print(f"ok      sm_{arch}  {name}" if err is None else f"failed  sm_{arch}  {name}: {err}",
+              flush=True)
+        failures += err is not None
+    for path in sorted((CSRC / "cuda").glob("*.cpp")):
+        err = check_cuda_binding(path, compiler)
+        name = path.relative_to(CSRC.parent)
+        print(f"ok      host   {name}" if err is None else f"failed  host   {name}: {err}",
               flush=True)
         failures += err is not None
     return failures

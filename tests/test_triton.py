@@ -93,5 +93,7 @@ def test_check_kernels_compiles_everything_for_sm80_and_sm90():
         want = "ok      " if nvcc() else "skipped "
         assert any(l.startswith(f"{want}sm_{arch}  csrc/cuda/last_step_cuda.cu")
                    or (not nvcc() and l.startswith(f"skipped sm_{arch}")) for l in lines), arch
+    if nvcc():  # and the CUDA extension's host file against torch's headers
+        assert "ok      host   csrc/cuda/bind_cuda.cpp" in lines
     assert not any(l.startswith("failed") for l in lines)
     assert lines[-1] == "check-kernels: all ok"

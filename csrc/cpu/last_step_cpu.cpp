@@ -160,22 +160,9 @@ void grads_kernel(const Step& s, const grad_t* g, const acc_t* a, const acc_t* b
 void build_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef layout,
               const std::optional<at::Tensor>& base,
               const std::optional<at::Tensor>& frozen, double scale, at::Tensor& out) {
-  const char* op = "tenvoo_fast_C::last_step_build";
-  const Step s = step_args(a, b, layout, op);
-  TORCH_CHECK(a.device().is_cpu(), op, ": CPU kernel called with ", a.device(), " tensors");
+  const Step s = build_args(a, b, layout, base, frozen, out, at::kCPU);
   const bool effective = base.has_value();
-  TORCH_CHECK(effective || !frozen.has_value(), op, ": frozen given without base");
-  const int64_t numel = out.numel();
   const at::ScalarType out_dtype = out.scalar_type();
-  TORCH_CHECK(effective || out_dtype == a.scalar_type(), op,
-              ": without base the output is scale*T in the contraction dtype");
-  check_weight_sized(out, s.B * s.M * s.N, a, "out", op);
-  if (effective) check_weight_sized(*base, numel, a, "base", op);
-  if (frozen) {
-    check_weight_sized(*frozen, numel, a, "frozen", op);
-    TORCH_CHECK(frozen->scalar_type() == a.scalar_type(), op,
-                ": frozen must be in the contraction dtype ", a.scalar_type());
-  }
   const at::ScalarType base_dtype = effective ? base->scalar_type() : a.scalar_type();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "last_step_build_cpu", [&] {
     using acc_t = scalar_t;

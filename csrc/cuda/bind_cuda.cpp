@@ -30,21 +30,9 @@ void build_cuda(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef layout
                const std::optional<at::Tensor>& base,
                const std::optional<at::Tensor>& frozen, double scale, at::Tensor& out) {
   const char* op = "tenvoo_fast_C::last_step_build";
-  const Step s = step_args(a, b, layout, op);
-  TORCH_CHECK(a.is_cuda(), op, ": CUDA kernel called with ", a.device(), " tensors");
+  const Step s = build_args(a, b, layout, base, frozen, out, at::kCUDA);
   const bool effective = base.has_value();
-  TORCH_CHECK(effective || !frozen.has_value(), op, ": frozen given without base");
-  const int64_t numel = out.numel();
   const at::ScalarType out_dtype = out.scalar_type();
-  TORCH_CHECK(effective || out_dtype == a.scalar_type(), op,
-              ": without base the output is scale*T in the contraction dtype");
-  check_weight_sized(out, s.B * s.M * s.N, a, "out", op);
-  if (effective) check_weight_sized(*base, numel, a, "base", op);
-  if (frozen) {
-    check_weight_sized(*frozen, numel, a, "frozen", op);
-    TORCH_CHECK(frozen->scalar_type() == a.scalar_type(), op,
-                ": frozen must be in the contraction dtype ", a.scalar_type());
-  }
   const c10::cuda::CUDAGuard guard(a.device());
   check_launch(cuda::launch_build(
                    s, dtype_of(a.scalar_type(), op), a.data_ptr(), b.data_ptr(),

@@ -2,8 +2,10 @@
 // (torch-dependent; the kernels themselves see only raw pointers and tenvoo_fast::Groups).
 #pragma once
 
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
 
 #include "tenvoo_fast/layout.h"
 
@@ -43,6 +45,29 @@ inline void check_weight_sized(const at::Tensor& t, int64_t numel, const at::Ten
   TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
   TORCH_CHECK(t.device() == a.device(), op, ": ", what, " is on ", t.device(),
               ", the operands on ", a.device());
+}
+
+//! The checks of last_step_build shared by every device: the operands, the layout, and the
+//! weight-sized base, frozen and out tensors; returns the step.
+inline Step build_args(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef layout,
+                       const std::optional<at::Tensor>& base,
+                       const std::optional<at::Tensor>& frozen, const at::Tensor& out,
+                       at::DeviceType device) {
+  const char* op = "tenvoo_fast_C::last_step_build";
+  const Step s = step_args(a, b, layout, op);
+  TORCH_CHECK(a.device().type() == device, op, ": the ", device, " kernel was called with ",
+              a.device(), " tensors");
+  TORCH_CHECK(base.has_value() || !frozen.has_value(), op, ": frozen given without base");
+  TORCH_CHECK(base.has_value() || out.scalar_type() == a.scalar_type(), op,
+              ": without base the output is scale*T in the contraction dtype");
+  check_weight_sized(out, s.B * s.M * s.N, a, "out", op);
+  if (base) check_weight_sized(*base, out.numel(), a, "base", op);
+  if (frozen) {
+    check_weight_sized(*frozen, out.numel(), a, "frozen", op);
+    TORCH_CHECK(frozen->scalar_type() == a.scalar_type(), op,
+                ": frozen must be in the contraction dtype ", a.scalar_type());
+  }
+  return s;
 }
 
 }  // namespace tenvoo_fast

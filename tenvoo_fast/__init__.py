@@ -4,7 +4,7 @@ Layers: ops (``reference``, the backends) -> modules (drop-in adapted layers) ->
 (``inject``, ``merge_and_unload``, ``save_adapter``/``load_adapter``). The math lives in
 ``networks``; backend choice in ``backends``.
 """
-from . import presets
+from . import autotune, presets
 from ._version import __version__
 from .backends import available_backends, current_backend, set_backend, use_backend
 from .checkpoint import load_adapter, read_adapter_metadata, save_adapter
@@ -34,5 +34,5 @@ __all__ = [
     "read_adapter_metadata", "adapter_layers", "execution_plan", "count_parameters",
     "available_backends",
     "current_backend", "use_backend", "set_backend", "use_strategy", "current_strategy",
-    "presets",
+    "presets", "autotune",
 ]

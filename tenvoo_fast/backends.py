@@ -99,9 +99,15 @@ def _auto_priority(backend, layer, x):
     return backend.priority if rank is None else rank(x.device.type, layer)
 
 
-def resolve(layer, x: torch.Tensor) -> Backend:
-    """The backend that runs ``layer`` on ``x`` now."""
+def resolve(layer, x: torch.Tensor, tuned: str | None = None) -> Backend:
+    """The backend that runs ``layer`` on ``x`` now (``tuned``: a measured choice for this
+    layer and input, which ``auto`` takes when that backend can run it)."""
     name = current_backend()
+    if name == "auto" and tuned is not None:
+        backend = _REGISTRY.get(tuned)
+        if (backend is not None and backend.unavailable_reason() is None
+                and backend.unsupported_reason(layer, x) is None):
+            return backend
     if name != "auto":
         backend = _REGISTRY[name]
         reason = backend.unsupported_reason(layer, x)

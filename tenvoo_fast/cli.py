@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", default="auto",
                        help="adapter backend: auto (the fastest that can run each layer) or one "
                             "of tenvoo_fast.available_backends(), e.g. reference")
+    train.add_argument("--autotune", action="store_true",
+                       help="before training, time every backend and strategy on each adapted "
+                            "layer's real input and use the fastest (tenvoo_fast.autotune)")
     train.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES),
                        help="autocast dtype; default bf16 on a GPU, none on the CPU (fp16 uses a "
                             "gradient scaler and needs a GPU)")
@@ -184,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device")
     passed.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES), help="autocast dtype")
     passed.add_argument("--backend", help="adapter backend (auto, reference, ...)")
+    passed.add_argument("--autotune", action="store_true", default=None,
+                        help="measure each layer's backend and strategy first (see finetune)")
     passed.add_argument("--seed", type=_non_negative_int, help="seed")
     pr.set_defaults(func=_command(profile_.run))
 

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from . import autotune
 from ._version import __version__
 from .backends import available_backends, current_backend, use_backend
 from .checkpoint import load_adapter, save_adapter
@@ -186,6 +187,10 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
     say(f"training: optimizer steps {start} -> {steps}, batch {opts.batch_size} x accum "
         f"{opts.accum} x {world_size} process(es), Adam lr {opts.lr:g}")
 
+    if getattr(opts, "autotune", False):
+        _autotune(model, train_set, inferer, autocast, opts, device, say)
+        metrics["autotune"] = autotune.decisions()
+
     times = []
     profiler = _profiler(out, device, steps - start, say) if opts.profile and main else None
     bar = _progress_bar(start, steps, enabled=main and sys.stderr.isatty())
@@ -329,6 +334,28 @@ def _batches(loader: DataLoader, epoch: int):
         loader.sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def _autotune(model, train_set, inferer, autocast, opts, device, say) -> None:
+    """Time every backend and strategy on each adapted layer's input for one training-shaped
+    batch (its own noise and timesteps, so the training stream is unchanged); cache the
+    fastest for the run."""
+    example = torch.as_tensor(train_set[0])
+    images = example.unsqueeze(0).expand(opts.batch_size, *example.shape).to(device)
+    gen = torch.Generator(device).manual_seed(opts.seed)
+    noise = torch.randn(images.shape, generator=gen, device=device)
+    timesteps = torch.randint(0, SCHEDULER["num_train_timesteps"], (images.shape[0],),
+                              generator=gen, device=device)
+    began = time.perf_counter()
+    with autocast():
+        chosen = autotune.tune(model, lambda: inferer(inputs=images, diffusion_model=model,
+                                                      noise=noise, timesteps=timesteps))
+    counts: dict[str, int] = {}
+    for d in chosen:
+        counts[d["choice"]] = counts.get(d["choice"], 0) + 1
+    say(f"autotune: {len(chosen)} distinct layer shapes timed in "
+        f"{time.perf_counter() - began:.1f} s; chose " +
+        ", ".join(f"{c} for {n}" for c, n in sorted(counts.items())))
 
 
 def _optimizer_step(model, batches, inferer, optimizer, scaler, autocast, accum, device,

@@ -31,7 +31,8 @@ PROFILE_MD, PROFILE_PNG, PROFILE_JSON = "profile.md", "profile.png", "profile.js
 PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
              ("batch_size", "--batch-size"), ("num_volumes", "--num-volumes"), ("lr", "--lr"),
              ("data", "--data"), ("base_weights", "--base-weights"), ("device", "--device"),
-             ("amp", "--amp"), ("seed", "--seed"), ("backend", "--backend"))
+             ("amp", "--amp"), ("seed", "--seed"), ("backend", "--backend"),
+             ("autotune", "--autotune"))
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",
@@ -46,6 +47,9 @@ def finetune_argv(opts: argparse.Namespace, method: str) -> list[str]:
     for dest, flag in PASSED_ON:
         value = getattr(opts, dest, None)
         if value is None:
+            continue
+        if value is True:   # a switch
+            argv.append(flag)
             continue
         argv += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
     return argv

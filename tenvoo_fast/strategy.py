@@ -8,6 +8,7 @@
 - ``"auto"`` (default): per layer and input shape, the cheaper of the two by a flop model
   (:func:`linear_costs`, :func:`tenvoo_fast.factorized.conv_costs`).
 
+:func:`tenvoo_fast.autotune.tune` replaces the flop model by measurements where it has run.
 ``use_strategy(name)`` overrides the choice for a block; a layer that cannot run the named
 strategy raises and says which it can run. Strategies are how the fast backends execute; the
 ``reference`` backend always runs the published einsum.
@@ -67,6 +68,33 @@ def linear_costs(network, tokens: int) -> dict[str, int]:
     return {"merged": 4 * build + 2 * tokens * in_f * out_f, "factorized": 7 * act}
 
 
+def supported_strategies(layer) -> tuple[str, ...]:
+    """The strategies the fast backends can run ``layer`` with."""
+    method = layer.network.method
+    if method.startswith("tenvoo") and isinstance(layer, torch.nn.Conv3d):
+        return ("merged", "factorized")
+    if method == "quanta" and isinstance(layer, torch.nn.Linear):
+        return ("merged", "factorized")
+    return ("merged",)
+
+
+@contextlib.contextmanager
+def tuned(choice: str | None) -> Iterator[None]:
+    """While set, ``auto`` uses ``choice`` (a measured decision, :mod:`tenvoo_fast.autotune`)
+    for layers that can run it."""
+    previous = getattr(_state, "tuned", None)
+    _state.tuned = choice
+    try:
+        yield
+    finally:
+        _state.tuned = previous
+
+
+def _tuned_for(layer) -> str | None:
+    choice = getattr(_state, "tuned", None)
+    return choice if choice in supported_strategies(layer) else None
+
+
 def _record(layer, choice: str) -> str:
     if not torch.compiler.is_compiling():
         layer.execution_strategy = choice
@@ -87,6 +115,8 @@ def _linear_strategy(layer, tokens: int) -> str:
                            "'merged' or 'auto'")
     if name != "auto" or not can_factor:
         return "merged" if name == "auto" else name
+    if (choice := _tuned_for(layer)) is not None:
+        return choice
     return _cheapest_linear(layer.network, max(int(tokens), 1))
 
 
@@ -119,9 +149,11 @@ def _conv_strategy(layer, x_shape, out_spatial) -> str:
                            "or 'auto'")
     if name != "auto" or not can_factor:
         return "merged" if name == "auto" else name
+    if (choice := _tuned_for(layer)) is not None:
+        return choice
     return _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
                           tuple(int(n) for n in out_spatial))
 
 
 __all__ = ["STRATEGIES", "current_strategy", "use_strategy", "linear_costs", "linear_strategy",
-           "conv_strategy"]
+           "conv_strategy", "supported_strategies", "tuned"]

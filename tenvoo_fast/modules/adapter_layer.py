@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import backends, reference
+from .. import autotune, backends, reference, strategy
 from ..errors import AdapterError
 from ..networks import TensorNetwork
 
@@ -142,12 +142,15 @@ class AdapterLayer:
 
     def _dispatch_forward(self, x: torch.Tensor, op: str) -> torch.Tensor:
         x = self._check_input(x)
-        backend = backends.resolve(self, x)
+        # A measured decision (tf.autotune.tune), if any; not consulted while compiling.
+        choice = None if torch.compiler.is_compiling() else autotune.lookup(self, x)
+        backend = backends.resolve(self, x, choice[0] if choice else None)
         if not torch.compiler.is_compiling():
             # What ran, for model.execution_plan (the strategy is recorded by the strategy
             # choice itself; the reference has none).
             self.execution_backend, self.execution_strategy = backend.name, None
-        return getattr(backend, op)(self, x)
+        with strategy.tuned(choice[1] if choice and choice[0] == backend.name else None):
+            return getattr(backend, op)(self, x)
 
     # -- merging ------------------------------------------------------------------------------
     @torch.no_grad()

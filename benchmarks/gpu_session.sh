@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Everything a lent GPU is for, in one call (the device tool's machine, or any CUDA machine):
+#   build   - the native extensions in place (CPU and CUDA kernels; build.log says if nvcc or
+#             a header is missing there, and the later stages then run without the cuda backend);
 #   tests   - tests/test_cuda.py: every backend against the fp64 oracle in fp32/bf16/fp16;
 #   layers  - the layer benchmarks (DDPM shapes, bf16 autocast) beside peft/LyCORIS peers;
 #   paper   - the paper preset (128x128x96, bf16) fine-tuned for real: full, lora, tenvoo-l,
 #             tenvoo-q side by side, the TenVOO methods again on the reference backend, and a
-#             torch.profiler summary of TenVOO-L.
-# Usage: STAGES=tests,layers,paper bash benchmarks/gpu_session.sh   (raw results in $OUT)
+#             torch.profiler summary of TenVOO-L, and TenVOO-L/Q with --autotune (measured
+#             backend and strategy per layer).
+# Usage: STAGES=build,tests,layers,paper bash benchmarks/gpu_session.sh   (raw results in $OUT)
 # Wheels in .whl/ (MONAI, nibabel, LyCORIS: the device image lacks them) are installed first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}
-STAGES=${STAGES:-tests,layers,paper}
+STAGES=${STAGES:-build,tests,layers,paper}
 STEPS=${STEPS:-24}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -18,6 +21,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # no install: the device has no network
+if [[ ,$STAGES, == *,build,* ]]; then
+  ( time TENVOO_FAST_BUILD_CUDA=1 TENVOO_FAST_CUDA_ARCH="${CUDA_ARCH:-9.0}" \
+      MAX_JOBS=16 timeout 400 python3 setup.py build_ext --inplace ) > "$OUT/build.log" 2>&1
+  echo "build: exit $? (tail of $OUT/build.log:)"; tail -3 "$OUT/build.log"
+fi
 python3 - <<'PY' | tee "$OUT/environment.txt"
 import datetime, torch, triton, monai, tenvoo_fast
 print(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -45,6 +53,8 @@ if [[ ,$STAGES, == *,paper,* ]]; then
     --out runs/paper-reference 2>&1 | tail -6
   [[ ${TRACE:-1} == 1 ]] && timeout 180 $cli finetune --preset paper --amp bf16 --accum 1 --steps 6 --device cuda \
     --method tenvoo-l --profile --out runs/paper-trace 2>&1 | tail -4
+  timeout 300 $cli profile ${common/--steps $STEPS/--steps 12} --methods tenvoo-l,tenvoo-q \
+    --autotune --out runs/paper-autotune 2>&1 | tail -8
   tar czf "$OUT/paper.tgz" runs/paper*/profile.* runs/paper*/*/metrics.json \
     runs/paper-trace/metrics.json runs/paper-trace/profile.txt 2>/dev/null
 fi

@@ -16,6 +16,7 @@ from . import evaluate as evaluate_
 from . import profile as profile_
 from . import sample as sample_
 from .errors import AdapterError, RunError
+from .strategy import STRATEGIES
 from .unets import DEFAULT_SIZES
 
 __all__ = ["build_parser", "main"]
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", default="auto",
                        help="adapter backend: auto (the fastest that can run each layer) or one "
                             "of tenvoo_fast.available_backends(), e.g. reference")
+    train.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                       help="how the fast backends run each adapted layer: merged weight, "
+                            "factorized (adapter on the activations), or auto (per layer)")
     train.add_argument("--autotune", action="store_true",
                        help="before training, time every backend and strategy on each adapted "
                             "layer's real input and use the fastest (tenvoo_fast.autotune)")
@@ -187,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device")
     passed.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES), help="autocast dtype")
     passed.add_argument("--backend", help="adapter backend (auto, reference, ...)")
+    passed.add_argument("--strategy", choices=STRATEGIES, help="merged, factorized or auto")
     passed.add_argument("--autotune", action="store_true", default=None,
                         help="measure each layer's backend and strategy first (see finetune)")
     passed.add_argument("--seed", type=_non_negative_int, help="seed")

@@ -41,6 +41,7 @@ from .data import training_volumes
 from .errors import RunError, one_line
 from .io import atomic_path, write_json_atomic
 from .model import adapter_layers, count_parameters, execution_plan, inject, unwrap
+from .strategy import current_strategy, use_strategy
 from .unets import DEFAULT_SIZES, build_unet, downsampling_factor
 from .weights import load_into
 
@@ -83,7 +84,8 @@ def run(opts: argparse.Namespace) -> dict:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        with use_backend(getattr(opts, "backend", "auto")):
+        with use_backend(getattr(opts, "backend", "auto")), \
+                use_strategy(getattr(opts, "strategy", None) or "auto", strict=False):
             return _run(opts, size, amp, device, rank, world_size)
     finally:
         if world_size > 1:
@@ -141,7 +143,8 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
     metrics = dict(
         preset=opts.preset, size=list(size), method=opts.method, rank=identity["rank"],
         targets=identity["targets"], trainable=identity["trainable"], amp=amp, device=str(device),
-        world_size=world_size, backend=current_backend(), data=data_description,
+        world_size=world_size, backend=current_backend(), strategy=current_strategy(),
+        data=data_description,
         num_train=len(train_set), num_val=len(val_set), lr=opts.lr, batch_size=opts.batch_size,
         accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,
         total_params=total, adapted_layers=n_layers, versions=_versions())

@@ -32,12 +32,12 @@ PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
              ("batch_size", "--batch-size"), ("num_volumes", "--num-volumes"), ("lr", "--lr"),
              ("data", "--data"), ("base_weights", "--base-weights"), ("device", "--device"),
              ("amp", "--amp"), ("seed", "--seed"), ("backend", "--backend"),
-             ("autotune", "--autotune"))
+             ("strategy", "--strategy"), ("autotune", "--autotune"))
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",
             "step_time_s", "volumes_per_s", "peak_memory_bytes", "val_loss", "amp", "backend",
-            "execution")
+            "execution", "strategy")
 
 
 def finetune_argv(opts: argparse.Namespace, method: str) -> list[str]:

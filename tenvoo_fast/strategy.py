@@ -35,16 +35,17 @@ def current_strategy() -> str:
 
 
 @contextlib.contextmanager
-def use_strategy(name: str) -> Iterator[None]:
-    """``with use_strategy("factorized"): ...`` forces a strategy for the block."""
+def use_strategy(name: str, strict: bool = True) -> Iterator[None]:
+    """``with use_strategy("factorized"): ...`` forces a strategy for the block. A layer that
+    cannot run it raises, or, with ``strict=False``, runs merged (whole-model comparisons)."""
     if name not in STRATEGIES:
         raise AdapterError(f"unknown strategy {name!r}; use one of {list(STRATEGIES)}")
-    previous = current_strategy()
-    _state.name = name
+    previous = current_strategy(), getattr(_state, "strict", True)
+    _state.name, _state.strict = name, strict
     try:
         yield
     finally:
-        _state.name = previous
+        _state.name, _state.strict = previous
 
 
 def _flops(equation: str, shapes) -> int:
@@ -109,6 +110,8 @@ def linear_strategy(layer, tokens: int) -> str:
 def _linear_strategy(layer, tokens: int) -> str:
     name = current_strategy()
     can_factor = layer.network.method == "quanta"
+    if name == "factorized" and not can_factor and not getattr(_state, "strict", True):
+        return "merged"
     if name == "factorized" and not can_factor:
         raise AdapterError(f"{layer.adapter_name}: strategy 'factorized' is implemented for "
                            f"QuanTA Linear layers only, not {layer.network.method}; use "
@@ -143,6 +146,8 @@ def conv_strategy(layer, x_shape, out_spatial) -> str:
 def _conv_strategy(layer, x_shape, out_spatial) -> str:
     name = current_strategy()
     can_factor = layer.network.method.startswith("tenvoo")
+    if name == "factorized" and not can_factor and not getattr(_state, "strict", True):
+        return "merged"
     if name == "factorized" and not can_factor:
         raise AdapterError(f"{layer.adapter_name}: strategy 'factorized' is implemented for "
                            f"TenVOO Conv3d layers, not {layer.network.method}; use 'merged' "

@@ -121,3 +121,20 @@ def test_auto_chooses_by_cost_and_refuses_what_cannot_factor():
     with use_backend("recompute"), use_strategy("factorized"):
         with pytest.raises(AdapterError, match=r"blk\.lora.*TenVOO Conv3d.*'merged'"):
             lora(torch.randn(1, 4, 3, 3, 3))
+
+
+def test_finetune_strategy_flag_runs_the_whole_model_that_way(tmp_path):
+    """--strategy factorized: TenVOO convs run factorized; layers without that form run merged
+    (a whole-model comparison must not stop at the first LoRA or QuanTA layer)."""
+    import json
+    from tenvoo_fast.cli import main
+    for method in ("tenvoo-l", "lora"):
+        out = tmp_path / method
+        assert main(["finetune", "--preset", "tiny", "--device", "cpu", "--num-volumes", "3",
+                     "--steps", "1", "--method", method, "--strategy", "factorized",
+                     "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["strategy"] == "factorized"
+        convs = [p for p in metrics["execution"] if p["layer"].endswith(".conv")]
+        assert convs and all(p["strategy"] == ("factorized" if method == "tenvoo-l" else "merged")
+                             for p in convs)

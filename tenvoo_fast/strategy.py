@@ -108,19 +108,7 @@ def linear_strategy(layer, tokens: int) -> str:
 
 
 def _linear_strategy(layer, tokens: int) -> str:
-    name = current_strategy()
-    can_factor = layer.network.method == "quanta"
-    if name == "factorized" and not can_factor and not getattr(_state, "strict", True):
-        return "merged"
-    if name == "factorized" and not can_factor:
-        raise AdapterError(f"{layer.adapter_name}: strategy 'factorized' is implemented for "
-                           f"QuanTA Linear layers only, not {layer.network.method}; use "
-                           "'merged' or 'auto'")
-    if name != "auto" or not can_factor:
-        return "merged" if name == "auto" else name
-    if (choice := _tuned_for(layer)) is not None:
-        return choice
-    return _cheapest_linear(layer.network, max(int(tokens), 1))
+    return _choose(layer, lambda: _cheapest_linear(layer.network, max(int(tokens), 1)))
 
 
 # The choices depend only on the network and static shapes: under torch.compile they are made
@@ -144,20 +132,29 @@ def conv_strategy(layer, x_shape, out_spatial) -> str:
 
 
 def _conv_strategy(layer, x_shape, out_spatial) -> str:
+    return _choose(layer, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
+                                                 tuple(int(n) for n in out_spatial)))
+
+
+def _choose(layer, cheapest) -> str:
+    """The current strategy if forced (checked against what the layer can run), else a
+    measured decision (autotune), else ``cheapest()`` (the flop model)."""
     name = current_strategy()
-    can_factor = layer.network.method.startswith("tenvoo")
-    if name == "factorized" and not can_factor and not getattr(_state, "strict", True):
-        return "merged"
+    can_factor = "factorized" in supported_strategies(layer)
     if name == "factorized" and not can_factor:
+        if not getattr(_state, "strict", True):
+            return "merged"
         raise AdapterError(f"{layer.adapter_name}: strategy 'factorized' is implemented for "
-                           f"TenVOO Conv3d layers, not {layer.network.method}; use 'merged' "
+                           "TenVOO Conv3d and QuanTA Linear layers, not "
+                           f"{layer.network.method} on a {type(layer).__name__}; use 'merged' "
                            "or 'auto'")
-    if name != "auto" or not can_factor:
-        return "merged" if name == "auto" else name
+    if name != "auto":
+        return name
+    if not can_factor:
+        return "merged"
     if (choice := _tuned_for(layer)) is not None:
         return choice
-    return _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
-                          tuple(int(n) for n in out_spatial))
+    return cheapest()
 
 
 __all__ = ["STRATEGIES", "current_strategy", "use_strategy", "linear_costs", "linear_strategy",

@@ -7,7 +7,7 @@ from torch import nn
 
 from ddpm_shapes import DDPM_CONV_SHAPES
 from oracle import rel_err
-from test_modules import TOL, check_against_oracle, realistic_conv, train_a_little
+from layer_checks import TOL, check_against_oracle, realistic_conv, train_a_little
 import tenvoo_fast
 from tenvoo_fast import AdapterError, LoRAConv3d, TenVOOConv3d, networks, use_backend, use_strategy
 from tenvoo_fast.factorized import network_letters, partition

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tenvoo_fast
-from tenvoo_fast import AdapterError, TenVOOConv3d, last_step, native, networks, use_backend
+from tenvoo_fast import AdapterError, TenVOOConv3d, last_step, native, use_backend
 from tenvoo_fast.recompute import _views
 from tenvoo_fast.ops import _reduced
 from tenvoo_fast import environment

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_modules import (CONV_MAKERS, LINEAR_MAKERS, TOL, check_against_oracle, realistic_conv,
+from layer_checks import (CONV_MAKERS, LINEAR_MAKERS, TOL, check_against_oracle, realistic_conv,
                           train_a_little)
 from tenvoo_fast import TenVOOConv3d, use_backend
 

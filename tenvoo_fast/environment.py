@@ -51,6 +51,12 @@ def sweep_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[Step
     return tuple(steps)
 
 
+@lru_cache(maxsize=None)
+def path_flops(equation: str, shapes: tuple) -> int:
+    """opt_einsum's cost of the optimal ('dp') path, for the strategies' cost models."""
+    return int(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")[1].opt_cost)
+
+
 def _grad_operand(g_out: torch.Tensor, out_idx: str, other: torch.Tensor, other_idx: str,
                   target_idx: str, target_shape) -> torch.Tensor:
     """d(out)/d(target) contracted with g_out; letters summed inside target are broadcast back."""

@@ -31,12 +31,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-import opt_einsum
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import environment, simplify
+from .networks import QUANTA_ACTIVATION_EQUATION
+from .ops import conv_output_spatial, reduced_cores, stored_grads
 from .reference import contraction_dtype
 
 
@@ -98,12 +99,6 @@ def network_letters(network) -> tuple[str, str, str]:
     return out[:n_out], out[n_out:n_out + n_in], out[n_out + n_in:]
 
 
-def _reduced(cores, equation):
-    p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
-    dtype = contraction_dtype(cores)
-    return p, simplify.reduce_cores(p, [c.to(dtype) for c in cores])
-
-
 def _block(equation, cores, idx):
     """(steps, nodes, result) of one block's contraction (kept for its reverse sweep)."""
     ops = [cores[i] for i in idx]
@@ -147,9 +142,9 @@ def _apply(x, maps, conv):
 
 
 def _setup(cores, frozen, equation, letters, base):
-    p, reduced = _reduced(cores, equation)
+    p, _, reduced = reduced_cores(cores, equation)
     part = partition(p.equation, tuple(tuple(c.shape) for c in reduced), *letters.split(","))
-    red_frozen = _reduced(frozen, equation)[1] if frozen else None
+    red_frozen = reduced_cores(frozen, equation)[2] if frozen else None
     cout, cin, *kernel_shape = base.shape
     return p, part, reduced, red_frozen, cin, cout, kernel_shape
 
@@ -177,8 +172,7 @@ def factored_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[T
 @factored_conv3d.register_fake
 def _(x, base, cores, frozen, bias, equation, letters, scale, conv):
     stride, padding, dilation = _conv_args(conv)
-    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-               zip(x.shape[2:], base.shape[2:], stride, padding, dilation)]
+    spatial = conv_output_spatial(x.shape[2:], base.shape[2:], stride, padding, dilation)
     return x.new_empty((x.shape[0], base.shape[0], *spatial))
 
 
@@ -226,8 +220,7 @@ def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
                                       (part.v_equation, part.v_cores)), states, block_grads):
             for i, gi in zip(idx, _block_grads(eq, reduced, idx, st, gb)):
                 grads[i] = gi
-        core_grads = [simplify.expand_grad(p, i, gr, tuple(c.shape)).to(c.dtype).contiguous()
-                      for i, (gr, c) in enumerate(zip(grads, cores))]
+        core_grads = stored_grads(p, grads, cores)
         empty = x.new_empty(0)
         gx = empty
         if need_x:
@@ -369,9 +362,22 @@ def _backward_factored(ctx, grad_out):
 factored_linear.register_autograd(_backward_factored, setup_context=_setup_factored)
 
 
-# -- cost model --------------------------------------------------------------------------------
-def _flops(equation, shapes) -> int:
-    return int(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")[1].opt_cost)
+# -- cost models --------------------------------------------------------------------------------
+@lru_cache(maxsize=1024)
+def linear_costs(network, tokens: int) -> dict[str, int]:
+    """Estimated extra flops of one fwd+bwd over the frozen layer's, per strategy.
+
+    merged: the build twice (forward, and again in backward), the reverse sweep (about two
+    builds) and the dL/dW GEMM (2·tokens·in·out). factorized: the adapter on the activations
+    for θ and θ0 in forward, then in backward both again plus their reverse sweeps (about
+    seven applications in all; the base GEMMs are the frozen layer's own).
+    """
+    shapes = tuple(tuple(c.shape) for c in network.cores)
+    out_f, in_f = network.weight_shape
+    build = environment.path_flops(network.equation, shapes)
+    act_eq = QUANTA_ACTIVATION_EQUATION.replace("...", "t")
+    act = environment.path_flops(act_eq, ((tokens, *network.meta["in_factors"]), *shapes))
+    return {"merged": 4 * build + 2 * tokens * in_f * out_f, "factorized": 7 * act}
 
 
 @lru_cache(maxsize=4096)
@@ -391,7 +397,7 @@ def conv_costs(network, x_shape: tuple, out_spatial: tuple) -> dict[str, int]:
     kvol = math.prod(k)
     p = simplify.plan(network.equation, network.shapes)
     part = partition(p.equation, p.shapes, *network_letters(network))
-    merged = 4 * _flops(p.equation, p.shapes) + 2 * vout * cin * cout * kvol
+    merged = 4 * environment.path_flops(p.equation, p.shapes) + 2 * vout * cin * cout * kvol
     path = 2 * (vin * cin * part.rank_u + vout * part.rank_u * part.rank_v * kvol
                 + vout * part.rank_v * cout)
     return {"merged": merged, "factorized": 7 * path}

@@ -28,14 +28,20 @@ from . import environment, last_step, simplify
 from .reference import contraction_dtype
 
 
-def _reduced(cores: list[Tensor], equation: str):
+def reduced_cores(cores: list[Tensor], equation: str):
     """(plan, contraction dtype, cores with redundant axes pre-reduced) for the fast kernels."""
     p = simplify.plan(equation, tuple(tuple(c.shape) for c in cores))
     dtype = contraction_dtype(cores)
     return p, dtype, simplify.reduce_cores(p, [c.to(dtype) for c in cores])
 
 
-def _stored_grads(p, grads, cores) -> list[Tensor]:
+def conv_output_spatial(spatial, kernel, stride, padding, dilation) -> list[int]:
+    """A Conv3d's output voxel counts (PyTorch's formula), for fake kernels and cost models."""
+    return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+            zip(spatial, kernel, stride, padding, dilation)]
+
+
+def stored_grads(p, grads, cores) -> list[Tensor]:
     """Gradients of the reduced cores -> gradients of the stored cores (contiguous, core dtype)."""
     return [simplify.expand_grad(p, i, g, tuple(c.shape)).to(c.dtype).contiguous()
             for i, (g, c) in enumerate(zip(grads, cores))]
@@ -57,7 +63,7 @@ def _last_step(kernel: str):
 
 def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float,
               kernel: str) -> Tensor:
-    p, dtype, reduced = _reduced(cores, equation)
+    p, dtype, reduced = reduced_cores(cores, equation)
     steps, nodes = environment.forward_tree(p.equation, reduced)
     lay, left, right = last_step.step_layout(steps[-1], nodes)
     return _last_step(kernel).build(lay, left, right, weight_shape, scale)
@@ -84,10 +90,10 @@ def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str
                          kernel: str) -> list[Tensor]:
     """dL/dcore_k for every core, given dL/dΔW (environment contraction, nothing saved)."""
     with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
-        p, dtype, reduced = _reduced(cores, equation)
+        p, dtype, reduced = reduced_cores(cores, equation)
         steps, nodes = environment.forward_tree(p.equation, reduced)
         grads = _reverse(steps, nodes, reduced, grad_weight, scale, kernel)
-        return _stored_grads(p, grads, cores)
+        return stored_grads(p, grads, cores)
 
 
 def _reverse(steps, nodes, reduced, grad_weight, scale, kernel):
@@ -108,7 +114,7 @@ def _effective(base, frozen_delta, cores, equation, weight_shape, scale, kernel,
     """W + (T(θ) - T(θ0)), formed in fp32 (fp64) and cast to ``out_dtype`` last, the last
     contraction step fused with the fold (one pass over the weight)."""
     with torch.autocast(base.device.type, enabled=False), torch.no_grad():
-        p, _, reduced = _reduced(cores, equation)
+        p, _, reduced = reduced_cores(cores, equation)
         steps, nodes = environment.forward_tree(p.equation, reduced)
         return _fused_effective(steps, nodes, base, frozen_delta, weight_shape, scale, kernel,
                                 out_dtype)
@@ -133,8 +139,7 @@ def adapted_conv3d(x: Tensor, base: Tensor, frozen_delta: Optional[Tensor], core
 @adapted_conv3d.register_fake
 def _(x, base, frozen_delta, cores, bias, equation, scale, stride, padding, dilation,
       kernel):
-    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-               zip(x.shape[2:], base.shape[2:], stride, padding, dilation)]
+    spatial = conv_output_spatial(x.shape[2:], base.shape[2:], stride, padding, dilation)
     return x.new_empty((x.shape[0], base.shape[0], *spatial))
 
 
@@ -166,7 +171,7 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
     """
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         shape = list(base.shape)
-        p, dtype, reduced = _reduced(cores, equation)
+        p, dtype, reduced = reduced_cores(cores, equation)
         steps, nodes = environment.forward_tree(p.equation, reduced)
         w = (_fused_effective(steps, nodes, base, frozen_delta, shape, scale, kernel, x.dtype)
              if need_x else None)
@@ -182,7 +187,7 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
             gx = g.matmul(w) if need_x else None
             gb = g2.sum(0) if need_bias else None
         grads = _reverse(steps, nodes, reduced, gw, scale, kernel)
-        core_grads = _stored_grads(p, grads, cores)
+        core_grads = stored_grads(p, grads, cores)
         empty = x.new_empty(0)
         return [gx.contiguous() if gx is not None else empty,
                 gb.to(bias.dtype) if gb is not None else empty] + core_grads

@@ -60,8 +60,8 @@ class RecomputeBackend:
             x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
             padding = [0, 0, 0]
         conv = list(layer.stride) + padding + list(layer.dilation)
-        out_spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-                       zip(x.shape[2:], layer.kernel_size, layer.stride, padding, layer.dilation)]
+        out_spatial = ops.conv_output_spatial(x.shape[2:], layer.kernel_size, layer.stride,
+                                              padding, layer.dilation)
         if strategy.conv_strategy(layer, x.shape, out_spatial) == "factorized":
             frozen = [] if layer.frozen_cores is None else list(layer.frozen_cores)
             return torch.ops.tenvoo_fast.factored_conv3d(

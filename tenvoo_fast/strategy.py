@@ -6,7 +6,7 @@
   (QuanTA Linear: :func:`tenvoo_fast.factorized.factored_linear`; TenVOO Conv3d:
   :mod:`tenvoo_fast.factorized`); no weight-sized tensor and no dL/dW at all.
 - ``"auto"`` (default): per layer and input shape, the cheaper of the two by a flop model
-  (:func:`linear_costs`, :func:`tenvoo_fast.factorized.conv_costs`).
+  (:func:`tenvoo_fast.factorized.linear_costs`, :func:`~tenvoo_fast.factorized.conv_costs`).
 
 :func:`tenvoo_fast.autotune.tune` replaces the flop model by measurements where it has run.
 ``use_strategy(name)`` overrides the choice for a block; a layer that cannot run the named
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from functools import lru_cache
 from typing import Iterator
 
-import opt_einsum
 import torch
 
 from .errors import AdapterError
-from .networks import QUANTA_ACTIVATION_EQUATION
+from .factorized import conv_costs, linear_costs
 
 STRATEGIES = ("auto", "merged", "factorized")
 _state = threading.local()
@@ -46,27 +44,6 @@ def use_strategy(name: str, strict: bool = True) -> Iterator[None]:
         yield
     finally:
         _state.name, _state.strict = previous
-
-
-def _flops(equation: str, shapes) -> int:
-    return int(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")[1].opt_cost)
-
-
-@lru_cache(maxsize=1024)
-def linear_costs(network, tokens: int) -> dict[str, int]:
-    """Estimated extra flops of one fwd+bwd over the frozen layer's, per strategy.
-
-    merged: the build twice (forward, and again in backward), the reverse sweep (about two
-    builds) and the dL/dW GEMM (2·tokens·in·out). factorized: the adapter on the activations
-    for θ and θ0 in forward, then in backward both again plus their reverse sweeps (about
-    seven applications in all; the base GEMMs are the frozen layer's own).
-    """
-    shapes = [c.shape for c in network.cores]
-    out_f, in_f = network.weight_shape
-    build = _flops(network.equation, shapes)
-    act_eq = QUANTA_ACTIVATION_EQUATION.replace("...", "t")
-    act = _flops(act_eq, [(tokens, *network.meta["in_factors"]), *shapes])
-    return {"merged": 4 * build + 2 * tokens * in_f * out_f, "factorized": 7 * act}
 
 
 def supported_strategies(layer) -> tuple[str, ...]:
@@ -121,7 +98,6 @@ def _cheapest_linear(network, tokens: int) -> str:
 
 @torch.compiler.assume_constant_result
 def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple) -> str:
-    from .factorized import conv_costs
     costs = conv_costs(network, x_shape, out_spatial)
     return min(costs, key=costs.get)
 
@@ -157,5 +133,5 @@ def _choose(layer, cheapest) -> str:
     return cheapest()
 
 
-__all__ = ["STRATEGIES", "current_strategy", "use_strategy", "linear_costs", "linear_strategy",
+__all__ = ["STRATEGIES", "current_strategy", "use_strategy", "linear_strategy",
            "conv_strategy", "supported_strategies", "tuned"]

@@ -12,7 +12,7 @@ from torch import nn
 import tenvoo_fast
 from tenvoo_fast import AdapterError, TenVOOConv3d, last_step, native, use_backend
 from tenvoo_fast.recompute import _views
-from tenvoo_fast.ops import _reduced
+from tenvoo_fast.ops import reduced_cores
 from tenvoo_fast import environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_the_install_built_the_cpu_extension():
 
 def _last_step_of(layer):
     cores = [c.detach() for c in layer.cores]
-    p, _, reduced = _reduced(_views(layer.network, cores), layer.network.equation)
+    p, _, reduced = reduced_cores(_views(layer.network, cores), layer.network.equation)
     steps, nodes = environment.forward_tree(p.equation, reduced)
     return last_step.step_layout(steps[-1], nodes)
 

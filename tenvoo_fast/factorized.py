@@ -149,6 +149,28 @@ def _setup(cores, frozen, equation, letters, base):
     return p, part, reduced, red_frozen, cin, cout, kernel_shape
 
 
+def _recompute_autograd(op, backward_op):
+    """Autograd for a factorized op ``op(x, base, cores, frozen, bias, *args)`` whose backward
+    is ``backward_op(grad_out, x, base, cores, frozen, bias, need_x, need_bias, *args)``: only
+    the inputs are saved, the backward op recomputes the rest."""
+    def setup_context(ctx, inputs, output):
+        x, base, cores, frozen, bias, *args = inputs
+        ctx.save_for_backward(x, base, bias, *cores, *frozen)
+        ctx.n_cores, ctx.n_frozen, ctx.args = len(cores), len(frozen), args
+
+    def backward(ctx, grad_out):
+        x, base, bias, *rest = ctx.saved_tensors
+        cores, frozen = rest[:ctx.n_cores], rest[ctx.n_cores:]
+        need_x = ctx.needs_input_grad[0]
+        need_b = bias is not None and ctx.needs_input_grad[4]
+        gx, gb, *grad_cores = backward_op(grad_out, x, base, cores, frozen, bias, need_x, need_b,
+                                          *ctx.args)
+        return (gx if need_x else None, None, grad_cores, [None] * ctx.n_frozen,
+                gb if need_b else None, *[None] * len(ctx.args))
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
 @torch.library.custom_op("tenvoo_fast::factored_conv3d", mutates_args=())
 def factored_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                     bias: Optional[Tensor], equation: str, letters: str, scale: float,
@@ -242,26 +264,7 @@ def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, lette
             + [torch.empty_like(c) for c in cores])
 
 
-def _setup_context(ctx, inputs, output):
-    x, base, cores, frozen, bias, equation, letters, scale, conv = inputs
-    ctx.save_for_backward(x, base, bias, *cores, *frozen)
-    ctx.n_cores, ctx.n_frozen = len(cores), len(frozen)
-    ctx.equation, ctx.letters, ctx.scale, ctx.conv = equation, letters, scale, conv
-
-
-def _backward(ctx, grad_out):
-    x, base, bias, *rest = ctx.saved_tensors
-    cores, frozen = rest[:ctx.n_cores], rest[ctx.n_cores:]
-    need_x = ctx.needs_input_grad[0]
-    need_b = bias is not None and ctx.needs_input_grad[4]
-    gx, gb, *grad_cores = torch.ops.tenvoo_fast.factored_conv3d_backward(
-        grad_out, x, base, cores, frozen, bias, need_x, need_b, ctx.equation, ctx.letters,
-        ctx.scale, ctx.conv)
-    return (gx if need_x else None, None, grad_cores, [None] * ctx.n_frozen,
-            gb if need_b else None, None, None, None, None)
-
-
-factored_conv3d.register_autograd(_backward, setup_context=_setup_context)
+_recompute_autograd(factored_conv3d, torch.ops.tenvoo_fast.factored_conv3d_backward)
 
 
 # -- QuanTA on Linear: the gates applied to the activations ----------------------------------
@@ -342,24 +345,7 @@ def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale
             + [torch.empty_like(c) for c in cores])
 
 
-def _setup_factored(ctx, inputs, output):
-    x, base, cores, frozen, bias, equation, scale = inputs
-    ctx.save_for_backward(x, base, bias, *cores, *frozen)
-    ctx.n_cores, ctx.equation, ctx.scale = len(cores), equation, scale
-
-
-def _backward_factored(ctx, grad_out):
-    x, base, bias, *rest = ctx.saved_tensors
-    cores, frozen = rest[:ctx.n_cores], rest[ctx.n_cores:]
-    need_x = ctx.needs_input_grad[0]
-    need_b = bias is not None and ctx.needs_input_grad[4]
-    gx, gb, *grad_cores = torch.ops.tenvoo_fast.factored_linear_backward(
-        grad_out, x, base, cores, frozen, bias, need_x, need_b, ctx.equation, ctx.scale)
-    return (gx if need_x else None, None, grad_cores, [None] * len(frozen),
-            gb if need_b else None, None, None)
-
-
-factored_linear.register_autograd(_backward_factored, setup_context=_setup_factored)
+_recompute_autograd(factored_linear, torch.ops.tenvoo_fast.factored_linear_backward)
 
 
 # -- cost models --------------------------------------------------------------------------------

@@ -144,15 +144,15 @@ def build(lay: Layout, left, right, weight_shape, scale: float, base=None, froze
     shape = lay.shape(lay.out_idx)
     transient = base is not None
 
-    def buffer(slot, dtype):
+    def buffer(slot, size, dtype):
         if transient:
-            return workspace.scratch(slot, shape, dtype, left.device)
-        return torch.empty(shape, dtype=dtype, device=left.device)
+            return workspace.scratch(slot, size, dtype, left.device)
+        return torch.empty(size, dtype=dtype, device=left.device)
 
     form = sandwich(lay)
     if form is not None:
         m, o, _, _ = _sandwich_operands(lay, form, left, right)
-        out = buffer("weight", m.dtype)   # (P, Y, S) is the weight's own layout
+        out = buffer("weight", shape, m.dtype)   # (P, Y, S) is the weight's own layout
         torch.matmul(m, o, out=out.view(o.shape[0], m.shape[0], o.shape[2]))
         if scale != 1.0:
             out.mul_(scale)
@@ -160,14 +160,12 @@ def build(lay: Layout, left, right, weight_shape, scale: float, base=None, froze
             out.sub_(frozen.reshape(shape))
     else:
         a, b = operands(lay, left, right)
-        t = (workspace.scratch("gemm", lay.gemm[:3], a.dtype, a.device) if transient
-             else torch.empty(lay.gemm[:3], dtype=a.dtype, device=a.device))
-        torch.bmm(a, b, out=t)
+        t = torch.bmm(a, b, out=buffer("gemm", lay.gemm[:3], a.dtype))
         if scale != 1.0:
             t.mul_(scale)
         view = t.reshape(lay.shape(lay.batch + lay.rows + lay.cols)).permute(
             _order(lay.batch + lay.rows + lay.cols, lay.out_idx))
-        out = buffer("weight", t.dtype)
+        out = buffer("weight", shape, t.dtype)
         if base is not None and frozen is not None:
             torch.sub(view, frozen.reshape(shape), out=out)   # the permutation, fused
         else:
@@ -177,8 +175,7 @@ def build(lay: Layout, left, right, weight_shape, scale: float, base=None, froze
     out = out.reshape(weight_shape)
     if out_dtype is None or out_dtype == out.dtype:
         return out
-    return (workspace.scratch("cast", weight_shape, out_dtype, out.device) if transient
-            else torch.empty(weight_shape, dtype=out_dtype, device=out.device)).copy_(out)
+    return buffer("cast", weight_shape, out_dtype).copy_(out)
 
 
 def grads(lay: Layout, grad_weight, left, right, scale: float):

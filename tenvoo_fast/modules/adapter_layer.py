@@ -142,14 +142,17 @@ class AdapterLayer:
 
     def _dispatch_forward(self, x: torch.Tensor, op: str) -> torch.Tensor:
         x = self._check_input(x)
+        compiling = torch.compiler.is_compiling()
         # A measured decision (tf.autotune.tune), if any; not consulted while compiling.
-        choice = None if torch.compiler.is_compiling() else autotune.lookup(self, x)
+        choice = None if compiling else autotune.lookup(self, x)
         backend = backends.resolve(self, x, choice[0] if choice else None)
-        if not torch.compiler.is_compiling():
+        if not compiling:
             # What ran, for model.execution_plan (the strategy is recorded by the strategy
             # choice itself; the reference has none).
             self.execution_backend, self.execution_strategy = backend.name, None
-        with strategy.tuned(choice[1] if choice and choice[0] == backend.name else None):
+        if choice is None or choice[0] != backend.name:
+            return getattr(backend, op)(self, x)
+        with strategy.tuned(choice[1]):
             return getattr(backend, op)(self, x)
 
     # -- merging ------------------------------------------------------------------------------

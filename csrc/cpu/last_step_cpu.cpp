@@ -38,15 +38,18 @@ std::vector<int64_t> offsets(const Group& g) {
   return off;
 }
 
-// dst[j] = g[om + off_n[j]] for j < nt (columns n0..n0+nt), by contiguous runs of the columns.
+// dst (rows x nt, row-major) = g at rows m0.. and columns n0.. of batch element bi, read in
+// place through the groups' offsets, by contiguous runs of the columns.
 template <typename acc_t, typename grad_t>
-void gather_row(const grad_t* g, int64_t om, const int64_t* off_n, int64_t n0, int64_t nt,
-                int64_t run, acc_t* dst) {
-  for (int64_t j = 0; j < nt;) {
-    const int64_t len = std::min(nt - j, run - (n0 + j) % run);
-    const grad_t* src = g + om + off_n[j];
-    for (int64_t q = 0; q < len; ++q) dst[j + q] = static_cast<acc_t>(src[q]);
-    j += len;
+void gather_tile(const grad_t* g, int64_t om0, const int64_t* off_m, int64_t rows,
+                 const int64_t* off_n, int64_t n0, int64_t nt, int64_t run, acc_t* dst) {
+  for (int64_t i = 0; i < rows; ++i, dst += nt) {
+    for (int64_t j = 0; j < nt;) {
+      const int64_t len = std::min(nt - j, run - (n0 + j) % run);
+      const grad_t* src = g + om0 + off_m[i] + off_n[j];
+      for (int64_t q = 0; q < len; ++q) dst[j + q] = static_cast<acc_t>(src[q]);
+      j += len;
+    }
   }
 }
 
@@ -117,9 +120,8 @@ void grads_kernel(const Step& s, const grad_t* g, const acc_t* a, const acc_t* b
       std::fill(part.begin(), part.end(), acc_t(0));
       for (int64_t n0 = 0; n0 < s.N; n0 += kTileN) {
         const int64_t nt = std::min(kTileN, s.N - n0);
-        for (int64_t i = 0; i < mt; ++i)
-          gather_row(g, off_b[bi] + off_m[m0 + i], off_n.data() + n0, n0, nt, run,
-                     gt.data() + i * nt);
+        gather_tile(g, off_b[bi], off_m.data() + m0, mt, off_n.data() + n0, n0, nt, run,
+                    gt.data());
         // part (mt x K) += g_tile (mt x nt) @ b[bi, :, n0:n0+nt]ᵀ
         matrix(part.data(), mt, s.K, s.K)
             .addmm_(matrix(gt.data(), mt, nt, nt), matrix(b + bi * s.K * s.N + n0, s.K, nt, s.N).t());
@@ -140,9 +142,8 @@ void grads_kernel(const Step& s, const grad_t* g, const acc_t* a, const acc_t* b
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t m0 = 0; m0 < s.M; m0 += kTileM) {
         const int64_t mc = std::min(kTileM, s.M - m0);
-        for (int64_t i = 0; i < mc; ++i)
-          gather_row(g, off_b[bi] + off_m[m0 + i], off_n.data() + n0, n0, nt, run,
-                     gt.data() + i * nt);
+        gather_tile(g, off_b[bi], off_m.data() + m0, mc, off_n.data() + n0, n0, nt, run,
+                    gt.data());
         // acc (K x nt) += a[bi, m0:m0+mc, :]ᵀ @ g_tile (mc x nt)
         matrix(acc.data(), s.K, nt, nt)
             .addmm_(matrix(a + (bi * s.M + m0) * s.K, mc, s.K, s.K).t(),
@@ -182,10 +183,7 @@ void build_cpu(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef layout,
 std::tuple<at::Tensor, at::Tensor> grads_cpu(const at::Tensor& grad_weight, const at::Tensor& a,
                                              const at::Tensor& b, at::IntArrayRef layout,
                                              double scale) {
-  const char* op = "tenvoo_fast_C::last_step_grads";
-  const Step s = step_args(a, b, layout, op);
-  TORCH_CHECK(a.device().is_cpu(), op, ": CPU kernel called with ", a.device(), " tensors");
-  check_weight_sized(grad_weight, s.B * s.M * s.N, a, "grad_weight", op);
+  const Step s = grads_args(grad_weight, a, b, layout, at::kCPU);
   at::Tensor ga = at::empty_like(a), gb = at::empty_like(b);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "last_step_grads_cpu", [&] {
     using acc_t = scalar_t;

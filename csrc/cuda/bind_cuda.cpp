@@ -46,10 +46,8 @@ void build_cuda(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef layout
 std::tuple<at::Tensor, at::Tensor> grads_cuda(const at::Tensor& grad_weight, const at::Tensor& a,
                                               const at::Tensor& b, at::IntArrayRef layout,
                                               double scale) {
+  const Step s = grads_args(grad_weight, a, b, layout, at::kCUDA);
   const char* op = "tenvoo_fast_C::last_step_grads";
-  const Step s = step_args(a, b, layout, op);
-  TORCH_CHECK(a.is_cuda(), op, ": CUDA kernel called with ", a.device(), " tensors");
-  check_weight_sized(grad_weight, s.B * s.M * s.N, a, "grad_weight", op);
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor ga = at::empty_like(a), gb = at::empty_like(b);
   check_launch(cuda::launch_grads(s, dtype_of(a.scalar_type(), op),

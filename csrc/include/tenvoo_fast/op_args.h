@@ -70,4 +70,15 @@ inline Step build_args(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef
   return s;
 }
 
+//! The checks of last_step_grads shared by every device; returns the step.
+inline Step grads_args(const at::Tensor& grad_weight, const at::Tensor& a, const at::Tensor& b,
+                       at::IntArrayRef layout, at::DeviceType device) {
+  const char* op = "tenvoo_fast_C::last_step_grads";
+  const Step s = step_args(a, b, layout, op);
+  TORCH_CHECK(a.device().type() == device, op, ": the ", device, " kernel was called with ",
+              a.device(), " tensors");
+  check_weight_sized(grad_weight, s.B * s.M * s.N, a, "grad_weight", op);
+  return s;
+}
+
 }  // namespace tenvoo_fast

@@ -44,6 +44,15 @@ class Layout:
         return [d[l] for l in letters]
 
     @property
+    def strides(self) -> dict[str, int]:
+        """Each letter's stride in the (contiguous) weight, whose letters are ``out_idx``."""
+        d, out, stride = dict(self.sizes), {}, 1
+        for letter in reversed(self.out_idx):
+            out[letter] = stride
+            stride *= d[letter]
+        return out
+
+    @property
     def gemm(self) -> tuple[int, int, int, int]:
         """(B, M, N, K)."""
         return tuple(self.size(g) for g in (self.batch, self.rows, self.cols, self.bond))

@@ -51,11 +51,7 @@ def unavailable_reason(device_type: str) -> str | None:
 @lru_cache(maxsize=256)
 def packed_layout(lay: Layout) -> tuple[int, ...]:
     """The batch, row and column groups as ``[n, sizes.., weight strides..]`` x 3."""
-    sizes = dict(lay.sizes)
-    strides, stride = {}, 1
-    for letter in reversed(lay.out_idx):
-        strides[letter] = stride
-        stride *= sizes[letter]
+    sizes, strides = dict(lay.sizes), lay.strides
     packed = []
     for group in (lay.batch, lay.rows, lay.cols):
         packed += [len(group), *(sizes[l] for l in group), *(strides[l] for l in group)]

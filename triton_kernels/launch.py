@@ -17,11 +17,7 @@ from . import last_step as k
 @lru_cache(maxsize=256)
 def _offsets(lay: Layout, device: torch.device):
     """int64 offset vectors of the batch, row and column letter groups in the output."""
-    sizes = dict(lay.sizes)
-    stride, strides = 1, {}
-    for l in reversed(lay.out_idx):
-        strides[l] = stride
-        stride *= sizes[l]
+    sizes, strides = dict(lay.sizes), lay.strides
 
     def group(letters):
         off = torch.zeros((), dtype=torch.int64)

@@ -62,7 +62,8 @@ def _candidates(layer, x):
             continue
         if name == "triton" and x.device.type != "cuda":
             continue
-        strategies = ("merged",) if name == "reference" else supported_strategies(layer)
+        strategies = (("merged",) if name == "reference"
+                      else supported_strategies(layer, backend.kernel))
         out += [(name, s) for s in strategies]
     return out
 

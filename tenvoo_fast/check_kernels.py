@@ -51,6 +51,58 @@ def configurations():
             yield f"{fn.__name__}[{'scale,' if scaled else ''}{dt}]", fn, sig, consts
 
 
+#: Conv geometries compiled for the implicit-GEMM kernels (the DDPM's): (kernel, stride, pad).
+CONV_GEOMETRIES = {"3x3x3": (3, 1, 1), "3x3x3/stride2": (3, 2, 1), "1x1x1": (1, 1, 0)}
+
+
+def conv_configurations():
+    """(name, kernel, signature, constexprs) of the implicit-GEMM conv kernels: every compute
+    dtype with a frozen copy and a bias on 3x3x3 convs, and the other geometries in bf16 with
+    the base weight in the compute dtype, without a frozen copy or a bias."""
+    from .triton_kernels import implicit_conv as k
+    cases = [(dt, "fp32", True, True, "3x3x3") for dt in DTYPES]
+    cases += [("bf16", "bf16", False, False, g) for g in CONV_GEOMETRIES if g != "3x3x3"]
+    ints = ("p_ci", "p_tap", "q_co", "q_tap")
+    dims = ("NB", "CIN", "COUT", "D", "H", "W", "OD", "OH", "OW")
+    for dt, base_dt, frozen, bias, geometry in cases:
+        size, stride, pad = CONV_GEOMETRIES[geometry]
+        consts = {f"K{a}": size for a in "DHW"}
+        consts.update({f"S{a}": stride for a in "DHW"})
+        consts.update({f"P{a}": pad for a in "DHW"})
+        consts.update({f"D{a}": 1 for a in "DHW"})
+        common = dict(**{n: "*i64" for n in ints}, p_k="i32", q_k="i32", K="i32", scale="fp32")
+        operands = dict(P="*fp32", Q="*fp32")
+        frozen_ops = dict(P0="*fp32", Q0="*fp32")
+        blocks = dict(BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_C=k.BLOCK_C, BLOCK_K=k.BLOCK_K)
+        tag = f"{dt},base {base_dt}{',frozen' if frozen else ''}{',bias' if bias else ''},{geometry}"
+
+        def sig(*groups):
+            out = {}
+            for g in groups:
+                out.update(g)
+            return out
+        fwd = sig(dict(x=f"*{dt}"), operands, frozen_ops, dict(base=f"*{base_dt}",
+                  bias=f"*{base_dt}", y=f"*{dt}"), common, {d: "i32" for d in dims},
+                  {f"s{t}{a}": "i64" for t in "xy" for a in "ncdhw"},
+                  {c: "constexpr" for c in (*consts, "HAS_FROZEN", "HAS_BIAS", *blocks)})
+        yield (f"conv_fwd_kernel[{tag}]", k.conv_fwd_kernel, fwd,
+               dict(consts, HAS_FROZEN=frozen, HAS_BIAS=bias, **blocks))
+        dgrad = sig(dict(dy=f"*{dt}"), operands, frozen_ops, dict(base=f"*{base_dt}",
+                    dx=f"*{dt}"), common, {d: "i32" for d in dims},
+                    {n: "i64" for n in [f"sg{a}" for a in "ncdhw"] + [f"sx{a}" for a in "ncdhw"]},
+                    {c: "constexpr" for c in (*consts, "HAS_FROZEN", *blocks)})
+        yield (f"conv_dgrad_kernel[{tag}]", k.conv_dgrad_kernel, dgrad,
+               dict(consts, HAS_FROZEN=frozen, **blocks))
+        wblocks = dict(BLOCK_CI=k.BLOCK_C, BLOCK_CO=k.BLOCK_N, BLOCK_V=k.BLOCK_V,
+                       BLOCK_K=k.BLOCK_K)
+        wgrad = sig(dict(x=f"*{dt}", dy=f"*{dt}"), operands, dict(dP="*fp32", dQ="*fp32"),
+                    common, dict(voxels_per_split="i32"), {d: "i32" for d in dims},
+                    {n: "i64" for n in [f"sx{a}" for a in "ncdhw"] + [f"sg{a}" for a in "ncdhw"]},
+                    {c: "constexpr" for c in (*consts, *wblocks)})
+        yield (f"conv_wgrad_kernel[{dt},{geometry}]", k.conv_wgrad_kernel, wgrad,
+               dict(consts, **wblocks))
+
+
 def compile_one(fn, signature, constexprs, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -141,7 +193,7 @@ def run_cuda(archs: list[int]) -> int:
 def run(archs: list[int]) -> int:
     """Compile everything for ``archs``; print one line each; return the number of failures."""
     failures = run_cuda(archs)
-    for name, fn, sig, consts in configurations():
+    for name, fn, sig, consts in itertools.chain(configurations(), conv_configurations()):
         for arch in archs:
             try:
                 compiled = compile_one(fn, sig, consts, arch)

@@ -9,6 +9,7 @@ step sums away inside one operand come back as broadcasts in its gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from functools import lru_cache
 from typing import Sequence
 
@@ -27,9 +28,14 @@ class Step:
 
 @lru_cache(maxsize=None)
 def sweep_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[Step, ...]:
+    """The pairwise steps of opt_einsum's optimal ('dp') path."""
+    path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")
+    return _steps(equation, path)
+
+
+def _steps(equation: str, path) -> tuple[Step, ...]:
     lhs, out = equation.split("->")
     terms = lhs.split(",")
-    path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")
     live = list(range(len(terms)))          # node ids of the current operand list
     idx = {i: t for i, t in enumerate(terms)}
     steps, next_id = [], len(terms)
@@ -52,6 +58,62 @@ def sweep_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[Step
 
 
 @lru_cache(maxsize=None)
+def split_plan(equation: str, shapes: tuple[tuple[int, ...], ...], left_letters: str,
+               right_letters: str) -> tuple[Step, ...] | None:
+    """Pairwise steps whose last one multiplies a node holding every ``left_letters`` by one
+    holding every ``right_letters`` (e.g. input and output channels), the other cores split
+    between the two sides to make that step's bond smallest (then the sides' contraction
+    cheapest); None if some core holds letters of both sets."""
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    sizes = {l: n for t, s in zip(terms, shapes) for l, n in zip(t, s)}
+    left = {i for i, t in enumerate(terms) if set(t) & set(left_letters)}
+    right = {i for i, t in enumerate(terms) if set(t) & set(right_letters)}
+    if not left or not right or left & right:
+        return None
+    free = [i for i in range(len(terms)) if i not in left | right]
+    best = None
+    for mask in range(1 << len(free)):
+        side = left | {f for j, f in enumerate(free) if mask >> j & 1}
+        other = set(range(len(terms))) - side
+        la = set("".join(terms[i] for i in side))
+        lb = set("".join(terms[i] for i in other))
+        bond = math.prod(sizes[l] for l in (la & lb) - set(out))
+        outs = ["".join(sorted(l for l in letters if l in out or l in other_letters))
+                for letters, other_letters in ((la, lb), (lb, la))]
+        flops = sum(_side_flops(terms, shapes, sorted(s), o)
+                    for s, o in ((side, outs[0]), (other, outs[1])))
+        key = (bond, flops)
+        if best is None or key < best[0]:
+            best = key, sorted(side), sorted(other), outs
+    _, side, other, outs = best
+    ssa, next_id = [], len(terms)
+    roots = []
+    for members, res in ((side, outs[0]), (other, outs[1])):
+        if len(members) == 1:
+            roots.append(members[0])
+            continue
+        sub = ",".join(terms[i] for i in members) + "->" + res
+        path, _ = opt_einsum.contract_path(sub, *[shapes[i] for i in members], shapes=True,
+                                           optimize="dp")
+        ids = list(members)
+        for a, b in opt_einsum.paths.linear_to_ssa(path):
+            ssa.append((ids[a], ids[b]))
+            ids.append(next_id)
+            next_id += 1
+        roots.append(ids[-1])
+    ssa.append(tuple(roots))
+    return _steps(equation, opt_einsum.paths.ssa_to_linear(ssa))
+
+
+def _side_flops(terms, shapes, members, out) -> int:
+    if len(members) == 1:
+        return 0
+    sub = ",".join(terms[i] for i in members) + "->" + out
+    return path_flops(sub, tuple(shapes[i] for i in members))
+
+
+@lru_cache(maxsize=None)
 def path_flops(equation: str, shapes: tuple) -> int:
     """opt_einsum's cost of the optimal ('dp') path, for the strategies' cost models."""
     return int(opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")[1].opt_cost)
@@ -69,10 +131,12 @@ def _grad_operand(g_out: torch.Tensor, out_idx: str, other: torch.Tensor, other_
     return g
 
 
-def forward_tree(equation: str, cores: Sequence[torch.Tensor]):
-    """Contract along the planned tree up to, not including, its last (weight-sized) step,
-    which a fused kernel runs; returns (steps, nodes of the partial products)."""
-    steps = sweep_plan(equation, tuple(tuple(c.shape) for c in cores))
+def forward_tree(equation: str, cores: Sequence[torch.Tensor], steps=None):
+    """Contract along the planned tree (``steps``, default :func:`sweep_plan`'s) up to, not
+    including, its last (weight-sized) step, which a fused kernel runs; returns (steps, nodes
+    of the partial products)."""
+    if steps is None:
+        steps = sweep_plan(equation, tuple(tuple(c.shape) for c in cores))
     nodes = {i: c for i, c in enumerate(cores)}
     n = len(cores)
     for k, s in enumerate(steps[:-1]):

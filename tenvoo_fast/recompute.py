@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
 from . import factorized, strategy
+from . import implicit_gemm  # noqa: F401  (registers the implicit-gemm ops)
 from .networks import QUANTA_ACTIVATION_EQUATION
 
 
@@ -62,11 +63,14 @@ class RecomputeBackend:
         conv = list(layer.stride) + padding + list(layer.dilation)
         out_spatial = ops.conv_output_spatial(x.shape[2:], layer.kernel_size, layer.stride,
                                               padding, layer.dilation)
-        if strategy.conv_strategy(layer, x.shape, out_spatial) == "factorized":
+        chosen = strategy.conv_strategy(layer, x.shape, out_spatial, self.kernel)
+        if chosen != "merged":
+            op = (torch.ops.tenvoo_fast.factored_conv3d if chosen == "factorized"
+                  else torch.ops.tenvoo_fast.implicit_conv3d)
             frozen = [] if layer.frozen_cores is None else list(layer.frozen_cores)
-            return torch.ops.tenvoo_fast.factored_conv3d(
-                x, layer.weight, list(layer.cores), frozen, layer.bias, layer.network.equation,
-                ",".join(factorized.network_letters(layer.network)), layer.network.scale, conv)
+            return op(x, layer.weight, list(layer.cores), frozen, layer.bias,
+                      layer.network.equation, ",".join(factorized.network_letters(layer.network)),
+                      layer.network.scale, conv)
         return torch.ops.tenvoo_fast.adapted_conv3d(
             x, layer.weight, layer.frozen_delta_weight(self), _views(layer.network, layer.cores),
             layer.bias, layer.network.equation, layer.network.scale, conv[0:3], conv[3:6],
@@ -74,7 +78,7 @@ class RecomputeBackend:
 
     def linear(self, layer, x):
         x = x.to(layer.compute_dtype(x))
-        if strategy.linear_strategy(layer, x.numel() // x.shape[-1]) == "factorized":
+        if strategy.linear_strategy(layer, x.numel() // x.shape[-1], self.kernel) == "factorized":
             frozen = [] if layer.frozen_cores is None else list(layer.frozen_cores)
             return torch.ops.tenvoo_fast.factored_linear(
                 x, layer.weight, list(layer.cores), frozen, layer.bias,

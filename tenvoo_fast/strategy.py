@@ -5,8 +5,13 @@
 - ``"factorized"``: apply the adapter to the activations beside the frozen base layer
   (QuanTA Linear: :func:`tenvoo_fast.factorized.factored_linear`; TenVOO Conv3d:
   :mod:`tenvoo_fast.factorized`); no weight-sized tensor and no dL/dW at all.
-- ``"auto"`` (default): per layer and input shape, the cheaper of the two by a flop model
-  (:func:`tenvoo_fast.factorized.linear_costs`, :func:`~tenvoo_fast.factorized.conv_costs`).
+- ``"implicit-gemm"`` (TenVOO Conv3d, ``triton`` backend): a Triton implicit-GEMM conv that
+  generates the weight tiles from the cores on chip (:mod:`tenvoo_fast.implicit_gemm`).
+- ``"auto"`` (default): per layer and input shape, the cheaper of merged and factorized by a
+  flop model (:func:`tenvoo_fast.factorized.linear_costs`,
+  :func:`~tenvoo_fast.factorized.conv_costs`). It does not pick implicit-gemm: no flop model
+  says how a Triton conv compares with cuDNN's, and none has been measured yet, so only a
+  measurement (:mod:`tenvoo_fast.autotune`) or ``use_strategy`` selects it.
 
 :func:`tenvoo_fast.autotune.tune` replaces the flop model by measurements where it has run.
 ``use_strategy(name)`` overrides the choice for a block; a layer that cannot run the named
@@ -16,6 +21,7 @@ strategy raises and says which it can run. Strategies are how the fast backends 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Iterator
 
@@ -24,7 +30,7 @@ import torch
 from .errors import AdapterError
 from .factorized import conv_costs, linear_costs
 
-STRATEGIES = ("auto", "merged", "factorized")
+STRATEGIES = ("auto", "merged", "factorized", "implicit-gemm")
 _state = threading.local()
 
 
@@ -46,14 +52,41 @@ def use_strategy(name: str, strict: bool = True) -> Iterator[None]:
         _state.name, _state.strict = previous
 
 
-def supported_strategies(layer) -> tuple[str, ...]:
-    """The strategies the fast backends can run ``layer`` with."""
-    method = layer.network.method
-    if method.startswith("tenvoo") and isinstance(layer, torch.nn.Conv3d):
-        return ("merged", "factorized")
-    if method == "quanta" and isinstance(layer, torch.nn.Linear):
-        return ("merged", "factorized")
-    return ("merged",)
+def supported_strategies(layer, kernel: str | None = None) -> tuple[str, ...]:
+    """The strategies the fast backends can run ``layer`` with; ``implicit-gemm`` only for the
+    Triton kernels (``kernel="triton"``) and networks whose last step splits the channels."""
+    return tuple([s for s in ("merged", "factorized", "implicit-gemm")
+                  if _unsupported(layer, s, kernel) is None])
+
+
+def _unsupported(layer, name: str, kernel: str | None) -> str | None:
+    """None if ``layer`` can run strategy ``name`` with ``kernel``, else why not."""
+    method, conv = layer.network.method, isinstance(layer, torch.nn.Conv3d)
+    if name == "merged":
+        return None
+    if name == "factorized":
+        if (method.startswith("tenvoo") and conv) or (method == "quanta" and not conv):
+            return None
+        return ("'factorized' is implemented for TenVOO Conv3d and QuanTA Linear layers, not "
+                f"{method} on a {type(layer).__name__}")
+    if not (method.startswith("tenvoo") and conv):
+        return f"'implicit-gemm' is implemented for TenVOO Conv3d layers, not {method}"
+    if kernel != "triton":
+        return ("'implicit-gemm' runs Triton kernels: use backend 'triton' (a CUDA GPU, or "
+                "TRITON_INTERPRET=1 on the CPU)")
+    return _implicit_gemm_reason(layer.network)
+
+
+@torch.compiler.assume_constant_result
+def _implicit_gemm_reason(network) -> str | None:
+    return _implicit_gemm_reason_cached(network)
+
+
+@functools.lru_cache(maxsize=None)
+def _implicit_gemm_reason_cached(network) -> str | None:
+    from .implicit_gemm import unsupported_reason
+    reason = unsupported_reason(network)
+    return None if reason is None else f"'implicit-gemm' cannot run this network: {reason}"
 
 
 @contextlib.contextmanager
@@ -68,9 +101,9 @@ def tuned(choice: str | None) -> Iterator[None]:
         _state.tuned = previous
 
 
-def _tuned_for(layer) -> str | None:
+def _tuned_for(layer, kernel) -> str | None:
     choice = getattr(_state, "tuned", None)
-    return choice if choice in supported_strategies(layer) else None
+    return choice if choice in supported_strategies(layer, kernel) else None
 
 
 def _record(layer, choice: str) -> str:
@@ -79,13 +112,10 @@ def _record(layer, choice: str) -> str:
     return choice
 
 
-def linear_strategy(layer, tokens: int) -> str:
+def linear_strategy(layer, tokens: int, kernel: str | None = None) -> str:
     """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input."""
-    return _record(layer, _linear_strategy(layer, tokens))
-
-
-def _linear_strategy(layer, tokens: int) -> str:
-    return _choose(layer, lambda: _cheapest_linear(layer.network, max(int(tokens), 1)))
+    return _record(layer, _choose(
+        layer, kernel, lambda: _cheapest_linear(layer.network, max(int(tokens), 1))))
 
 
 # The choices depend only on the network and static shapes: under torch.compile they are made
@@ -102,33 +132,29 @@ def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple) -> str:
     return min(costs, key=costs.get)
 
 
-def conv_strategy(layer, x_shape, out_spatial) -> str:
-    """The strategy ``layer`` (an adapted Conv3d) runs with for an input of ``x_shape``."""
-    return _record(layer, _conv_strategy(layer, x_shape, out_spatial))
+def conv_strategy(layer, x_shape, out_spatial, kernel: str | None = None) -> str:
+    """The strategy ``layer`` (an adapted Conv3d) runs with for an input of ``x_shape``, when
+    ``kernel`` runs the fast paths' weight-sized steps."""
+    return _record(layer, _choose(
+        layer, kernel, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
+                                              tuple(int(n) for n in out_spatial))))
 
 
-def _conv_strategy(layer, x_shape, out_spatial) -> str:
-    return _choose(layer, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
-                                                 tuple(int(n) for n in out_spatial)))
-
-
-def _choose(layer, cheapest) -> str:
+def _choose(layer, kernel, cheapest) -> str:
     """The current strategy if forced (checked against what the layer can run), else a
     measured decision (autotune), else ``cheapest()`` (the flop model)."""
     name = current_strategy()
-    can_factor = "factorized" in supported_strategies(layer)
-    if name == "factorized" and not can_factor:
+    if name != "auto":
+        reason = _unsupported(layer, name, kernel)
+        if reason is None:
+            return name
         if not getattr(_state, "strict", True):
             return "merged"
-        raise AdapterError(f"{layer.adapter_name}: strategy 'factorized' is implemented for "
-                           "TenVOO Conv3d and QuanTA Linear layers, not "
-                           f"{layer.network.method} on a {type(layer).__name__}; use 'merged' "
-                           "or 'auto'")
-    if name != "auto":
-        return name
-    if not can_factor:
+        raise AdapterError(f"{layer.adapter_name}: strategy {reason}; use one of "
+                           f"{list(supported_strategies(layer, kernel))} or 'auto'")
+    if "factorized" not in supported_strategies(layer, kernel):
         return "merged"
-    if (choice := _tuned_for(layer)) is not None:
+    if (choice := _tuned_for(layer, kernel)) is not None:
         return choice
     return cheapest()
 

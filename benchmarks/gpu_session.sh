@@ -6,8 +6,9 @@
 #   layers  - the layer benchmarks (DDPM shapes, bf16 autocast) beside peft/LyCORIS peers;
 #   paper   - the paper preset (128x128x96, bf16) fine-tuned for real: full, lora, tenvoo-l,
 #             tenvoo-q side by side, the TenVOO methods again on the reference backend, and a
-#             torch.profiler summary of TenVOO-L, and TenVOO-L/Q with --autotune (measured
-#             backend and strategy per layer).
+#             torch.profiler summary of TenVOO-L, TenVOO-L/Q with --autotune (measured
+#             backend and strategy per layer), and TenVOO-L forced to the factorized and
+#             implicit-gemm strategies on the triton backend.
 # Usage: STAGES=build,tests,layers,paper bash benchmarks/gpu_session.sh   (raw results in $OUT)
 # Wheels in .whl/ (MONAI, nibabel, LyCORIS: the device image lacks them) are installed first.
 set -uo pipefail
@@ -55,6 +56,10 @@ if [[ ,$STAGES, == *,paper,* ]]; then
     --method tenvoo-l --profile --out runs/paper-trace 2>&1 | tail -4
   timeout 300 $cli profile ${common/--steps $STEPS/--steps 12} --methods tenvoo-l,tenvoo-q \
     --autotune --out runs/paper-autotune 2>&1 | tail -8
+  for s in factorized implicit-gemm; do   # whole-model strategy comparison (TenVOO-L, triton)
+    timeout 240 $cli profile ${common/--steps $STEPS/--steps 12} --methods tenvoo-l \
+      --backend triton --strategy $s --out runs/paper-$s 2>&1 | tail -4
+  done
   tar czf "$OUT/paper.tgz" runs/paper*/profile.* runs/paper*/*/metrics.json \
     runs/paper-trace/metrics.json runs/paper-trace/profile.txt 2>/dev/null
 fi

@@ -79,10 +79,11 @@ def test_plain_conv(benchmark, shape, peer):
 # triton on the CPU would be its interpreter (a numerics check, not a speed): GPU only.
 # cpu / cuda: the native (csrc) kernels of this device, where the install built them.
 # "recompute" and "auto" choose the strategy per layer; the forced /merged and /factorized runs
-# beside them show whether the choice was the faster.
+# beside them show whether the choice was the faster; triton/implicit-gemm is the Triton conv
+# that generates its weight tiles on chip (compare with trainable-conv: cuDNN's conv).
 @pytest.mark.parametrize("backend", ["reference", "recompute", "auto", DEVICE, "recompute/merged",
                                      "recompute/factorized"]
-                         + (["triton"] if DEVICE == "cuda" else []))
+                         + (["triton", "triton/implicit-gemm"] if DEVICE == "cuda" else []))
 def test_tenvoo_conv(benchmark, shape, adapter, backend):
     name, _, strategy = backend.partition("/")
     reason = tenvoo_fast.backends.get_backend(name).unavailable_reason() if name in (
@@ -98,9 +99,12 @@ def test_tenvoo_conv(benchmark, shape, adapter, backend):
     if strategy == "factorized" and costs["factorized"] > 10 * costs["merged"]:
         pytest.skip(f"factorized is estimated at {costs['factorized'] / costs['merged']:.0f}x "
                     "merged here (rank-sized maps of r³ channels)")
+    if strategy == "implicit-gemm" and variant == "Q" and rank > 4:
+        pytest.skip("implicit-gemm generates each weight tile over Q's r³ bond (1728 at r=12): "
+                    "about 27x the conv's own flops")
     with use_backend(name), use_strategy(strategy or "auto"):
         chosen = tenvoo_fast.backends.resolve(layer, x)
-        picked = (tenvoo_fast.strategy.conv_strategy(layer, x.shape, vol)
+        picked = (tenvoo_fast.strategy.conv_strategy(layer, x.shape, vol, chosen.kernel)
                   if chosen.name != "reference" else None)
         _run(benchmark, lambda: layer(x).sum().backward(), owned_tensors(layer, x, chosen),
              layer.weight, shape=shape, method=adapter, backend=backend,

@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "of tenvoo_fast.available_backends(), e.g. reference")
     train.add_argument("--strategy", choices=STRATEGIES, default="auto",
                        help="how the fast backends run each adapted layer: merged weight, "
-                            "factorized (adapter on the activations), or auto (per layer)")
+                            "factorized (adapter on the activations), implicit-gemm (the "
+                            "Triton conv generating its weight tiles; backend triton), or auto "
+                            "(per layer); layers that cannot run the named one run merged")
     train.add_argument("--autotune", action="store_true",
                        help="before training, time every backend and strategy on each adapted "
                             "layer's real input and use the fastest (tenvoo_fast.autotune)")
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device")
     passed.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES), help="autocast dtype")
     passed.add_argument("--backend", help="adapter backend (auto, reference, ...)")
-    passed.add_argument("--strategy", choices=STRATEGIES, help="merged, factorized or auto")
+    passed.add_argument("--strategy", choices=STRATEGIES, help="merged, factorized, implicit-gemm or auto")
     passed.add_argument("--autotune", action="store_true", default=None,
                         help="measure each layer's backend and strategy first (see finetune)")
     passed.add_argument("--seed", type=_non_negative_int, help="seed")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from oracle import rel_err, spec_delta
-from tenvoo_fast import QuanTALinear, TenVOOConv3d, available_backends, use_backend
+from tenvoo_fast import (QuanTALinear, TenVOOConv3d, available_backends, use_backend,
+                         use_strategy)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -75,6 +76,22 @@ def test_tenvoo_conv_on_cuda(cin, cout, vol, variant, dtype, backend):
     layer = _trained(TenVOOConv3d.from_conv(conv, 4, variant))
     x = torch.randn(2, cin, *vol, device="cuda")
     _check(layer, x, "conv", dtype, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["L", "Q"])
+@pytest.mark.parametrize("cin,cout,vol", SHAPES)
+@pytest.mark.parametrize("conv", [dict(padding=1), dict(padding=1, stride=2)], ids=["s1", "s2"])
+def test_implicit_gemm_on_cuda(cin, cout, vol, variant, dtype, conv):
+    """The Triton conv with on-chip weight generation (strategy implicit-gemm)."""
+    torch.manual_seed(0)
+    base = nn.Conv3d(cin, cout, 3, **conv, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        base.weight.normal_(0, 0.02)
+    layer = _trained(TenVOOConv3d.from_conv(base, 4, variant))
+    with use_strategy("implicit-gemm"):
+        _check(layer, torch.randn(2, cin, *vol, device="cuda"), "conv", dtype, "triton")
+    assert layer.execution_strategy == "implicit-gemm"
 
 
 @pytest.mark.parametrize("backend", _backends())

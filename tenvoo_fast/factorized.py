@@ -151,8 +151,9 @@ def _setup(cores, frozen, equation, letters, base):
 
 def _recompute_autograd(op, backward_op):
     """Autograd for a factorized op ``op(x, base, cores, frozen, bias, *args)`` whose backward
-    is ``backward_op(grad_out, x, base, cores, frozen, bias, need_x, need_bias, *args)``: only
-    the inputs are saved, the backward op recomputes the rest."""
+    is the custom op ``backward_op(grad_out, x, base, cores, frozen, bias, need_x, need_bias,
+    *args) -> [grad_x, grad_bias, *grad_cores]``: only the inputs are saved, the backward op
+    recomputes the rest. Also registers the backward op's fake kernel."""
     def setup_context(ctx, inputs, output):
         x, base, cores, frozen, bias, *args = inputs
         ctx.save_for_backward(x, base, bias, *cores, *frozen)
@@ -167,6 +168,12 @@ def _recompute_autograd(op, backward_op):
                                           *ctx.args)
         return (gx if need_x else None, None, grad_cores, [None] * ctx.n_frozen,
                 gb if need_b else None, *[None] * len(ctx.args))
+
+    @backward_op.register_fake
+    def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, *args):
+        return ([torch.empty_like(x) if need_x else x.new_empty(0),
+                 torch.empty_like(bias) if need_bias else x.new_empty(0)]
+                + [torch.empty_like(c) for c in cores])
 
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -257,14 +264,7 @@ def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
         return [gx, gb] + core_grads
 
 
-@factored_conv3d_backward.register_fake
-def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, letters, scale, conv):
-    return ([torch.empty_like(x) if need_x else x.new_empty(0),
-             torch.empty_like(bias) if need_bias else x.new_empty(0)]
-            + [torch.empty_like(c) for c in cores])
-
-
-_recompute_autograd(factored_conv3d, torch.ops.tenvoo_fast.factored_conv3d_backward)
+_recompute_autograd(factored_conv3d, factored_conv3d_backward)
 
 
 # -- QuanTA on Linear: the gates applied to the activations ----------------------------------
@@ -338,14 +338,7 @@ def factored_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
         return [gx, gb] + [cg.to(c.dtype).contiguous() for cg, c in zip(core_grads, cores)]
 
 
-@factored_linear_backward.register_fake
-def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale):
-    return ([torch.empty_like(x) if need_x else x.new_empty(0),
-             torch.empty_like(bias) if need_bias else x.new_empty(0)]
-            + [torch.empty_like(c) for c in cores])
-
-
-_recompute_autograd(factored_linear, torch.ops.tenvoo_fast.factored_linear_backward)
+_recompute_autograd(factored_linear, factored_linear_backward)
 
 
 # -- cost models --------------------------------------------------------------------------------

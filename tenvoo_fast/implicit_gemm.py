@@ -193,12 +193,5 @@ def implicit_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
         return [gx, gb] + core_grads
 
 
-@implicit_conv3d_backward.register_fake
-def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, letters, scale, conv):
-    return ([torch.empty_like(x) if need_x else x.new_empty(0),
-             torch.empty_like(bias) if need_bias else x.new_empty(0)]
-            + [torch.empty_like(c) for c in cores])
-
-
-_recompute_autograd(implicit_conv3d, torch.ops.tenvoo_fast.implicit_conv3d_backward)
+_recompute_autograd(implicit_conv3d, implicit_conv3d_backward)
 

@@ -188,7 +188,7 @@ def implicit_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
         if need_x:
             P0, Q0 = _frozen_operands(frozen, equation, letters)
             gx = launch.input_grad(g, list(x.shape), gen, P, Q, P0, Q0, base, scale, conv,
-                                   launch._memory_format(x))
+                                   launch.memory_format(x))
         gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else empty
         return [gx, gb] + core_grads
 

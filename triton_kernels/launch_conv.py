@@ -41,7 +41,7 @@ def forward(x, gen, P, Q, P0, Q0, base, bias, scale: float, conv, out_spatial):
     nb, cin = x.shape[:2]
     cout = base.shape[0]
     y = torch.empty((nb, cout, *out_spatial), dtype=x.dtype, device=x.device,
-                    memory_format=_memory_format(x))
+                    memory_format=memory_format(x))
     dims, consts = _geometry(x.shape, y.shape, base.shape[2:], conv)
     offs = gen.offsets(x.device)
     grid = (_cdiv(nb * y.shape[2:].numel(), k.BLOCK_M), _cdiv(cout, k.BLOCK_N))
@@ -53,10 +53,10 @@ def forward(x, gen, P, Q, P0, Q0, base, bias, scale: float, conv, out_spatial):
     return y
 
 
-def input_grad(dy, x_shape, gen, P, Q, P0, Q0, base, scale: float, conv, memory_format):
+def input_grad(dy, x_shape, gen, P, Q, P0, Q0, base, scale: float, conv, x_format):
     """dL/dx of :func:`forward` (without its bias), in dy's dtype."""
     nb, cin = x_shape[:2]
-    dx = torch.empty(x_shape, dtype=dy.dtype, device=dy.device, memory_format=memory_format)
+    dx = torch.empty(x_shape, dtype=dy.dtype, device=dy.device, memory_format=x_format)
     dims, consts = _geometry(x_shape, dy.shape, base.shape[2:], conv)
     grid = (_cdiv(nb * dx.shape[2:].numel(), k.BLOCK_M), _cdiv(cin, k.BLOCK_N))
     _launch(k.conv_dgrad_kernel, grid, dy, *_generation_args(P, Q, P0, Q0),
@@ -92,7 +92,8 @@ def _sms(x) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count
 
 
-def _memory_format(x):
+def memory_format(x):
+    """channels_last_3d if x is laid out so (and not also contiguous), else contiguous."""
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last_3d):
         return torch.channels_last_3d

@@ -84,23 +84,24 @@ def conv_configurations():
         fwd = sig(dict(x=f"*{dt}"), operands, frozen_ops, dict(base=f"*{base_dt}",
                   bias=f"*{base_dt}", y=f"*{dt}"), common, {d: "i32" for d in dims},
                   {f"s{t}{a}": "i64" for t in "xy" for a in "ncdhw"},
-                  {c: "constexpr" for c in (*consts, "HAS_FROZEN", "HAS_BIAS", *blocks)})
+                  {c: "constexpr" for c in (*consts, "HAS_FROZEN", "HAS_BIAS", "UPCAST",
+                                            *blocks)})
         yield (f"conv_fwd_kernel[{tag}]", k.conv_fwd_kernel, fwd,
-               dict(consts, HAS_FROZEN=frozen, HAS_BIAS=bias, **blocks))
+               dict(consts, HAS_FROZEN=frozen, HAS_BIAS=bias, UPCAST=False, **blocks))
         dgrad = sig(dict(dy=f"*{dt}"), operands, frozen_ops, dict(base=f"*{base_dt}",
                     dx=f"*{dt}"), common, {d: "i32" for d in dims},
                     {n: "i64" for n in [f"sg{a}" for a in "ncdhw"] + [f"sx{a}" for a in "ncdhw"]},
-                    {c: "constexpr" for c in (*consts, "HAS_FROZEN", *blocks)})
+                    {c: "constexpr" for c in (*consts, "HAS_FROZEN", "UPCAST", *blocks)})
         yield (f"conv_dgrad_kernel[{tag}]", k.conv_dgrad_kernel, dgrad,
-               dict(consts, HAS_FROZEN=frozen, **blocks))
+               dict(consts, HAS_FROZEN=frozen, UPCAST=False, **blocks))
         wblocks = dict(BLOCK_CI=k.BLOCK_C, BLOCK_CO=k.BLOCK_N, BLOCK_V=k.BLOCK_V,
                        BLOCK_K=k.BLOCK_K)
         wgrad = sig(dict(x=f"*{dt}", dy=f"*{dt}"), operands, dict(dP="*fp32", dQ="*fp32"),
                     common, dict(voxels_per_split="i32"), {d: "i32" for d in dims},
                     {n: "i64" for n in [f"sx{a}" for a in "ncdhw"] + [f"sg{a}" for a in "ncdhw"]},
-                    {c: "constexpr" for c in (*consts, *wblocks)})
+                    {c: "constexpr" for c in (*consts, "UPCAST", *wblocks)})
         yield (f"conv_wgrad_kernel[{dt},{geometry}]", k.conv_wgrad_kernel, wgrad,
-               dict(consts, **wblocks))
+               dict(consts, UPCAST=False, **wblocks))
 
 
 def compile_one(fn, signature, constexprs, arch: int):

@@ -157,13 +157,24 @@ def implicit_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[T
         P0, Q0 = _frozen_operands(frozen, equation, letters)
         spatial = conv_output_spatial(x.shape[2:], base.shape[2:], conv[0:3], conv[3:6],
                                       conv[6:9])
-        return _launchers().forward(x, gen, P, Q, P0, Q0, base, bias, scale, conv, spatial)
+        return _launchers().forward(x, gen, P, Q, P0, Q0, base, bias, scale, conv, spatial,
+                                    memory_format(x))
 
 
 @implicit_conv3d.register_fake
 def _(x, base, cores, frozen, bias, equation, letters, scale, conv):
     spatial = conv_output_spatial(x.shape[2:], base.shape[2:], conv[0:3], conv[3:6], conv[6:9])
-    return x.new_empty((x.shape[0], base.shape[0], *spatial))
+    return torch.empty((x.shape[0], base.shape[0], *spatial), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(x))
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the ops give their outputs and input gradients: channels-last for a
+    channels-last input (and not also contiguous), else contiguous."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 @torch.library.custom_op("tenvoo_fast::implicit_conv3d_backward", mutates_args=())
@@ -188,7 +199,7 @@ def implicit_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
         if need_x:
             P0, Q0 = _frozen_operands(frozen, equation, letters)
             gx = launch.input_grad(g, list(x.shape), gen, P, Q, P0, Q0, base, scale, conv,
-                                   launch.memory_format(x))
+                                   memory_format(x))
         gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else empty
         return [gx, gb] + core_grads
 

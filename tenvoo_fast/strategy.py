@@ -74,6 +74,9 @@ def _unsupported(layer, name: str, kernel: str | None) -> str | None:
     if kernel != "triton":
         return ("'implicit-gemm' runs Triton kernels: use backend 'triton' (a CUDA GPU, or "
                 "TRITON_INTERPRET=1 on the CPU)")
+    if torch.are_deterministic_algorithms_enabled():
+        return ("'implicit-gemm' adds its weight-gradient partials atomically, in no fixed "
+                "order, and deterministic algorithms are on (torch.use_deterministic_algorithms)")
     return _implicit_gemm_reason(layer.network)
 
 

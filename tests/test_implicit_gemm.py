@@ -41,7 +41,7 @@ def test_ddpm_shapes_against_the_oracle(cin, cout):
 
 
 @pytest.mark.usefixtures("implicit")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rank", [1, 3, 5])
 def test_ranks_and_dtypes(rank, dtype):
     """Rank 5 has a 25-wide bond: two chunks of the generation's K loop, one masked."""
@@ -101,11 +101,12 @@ def test_keeps_nothing_weight_sized():
 
 def test_opcheck_and_compile(seeded):
     layer = train_a_little(TenVOOConv3d.from_conv(nn.Conv3d(6, 8, 3, padding=1), 2, "L"))
-    x = torch.randn(1, 6, 3, 2, 3, requires_grad=True)
-    args = (x, layer.weight, list(layer.cores), list(layer.frozen_cores), layer.bias,
-            layer.network.equation, ",".join(network_letters(layer.network)),
-            layer.network.scale, [1, 1, 1, 1, 1, 1, 1, 1, 1])
-    torch.library.opcheck(torch.ops.tenvoo_fast.implicit_conv3d.default, args)
+    x = torch.randn(2, 6, 3, 2, 3, requires_grad=True)
+    for inp in (x, x.detach().to(memory_format=torch.channels_last_3d).requires_grad_()):
+        args = (inp, layer.weight, list(layer.cores), list(layer.frozen_cores), layer.bias,
+                layer.network.equation, ",".join(network_letters(layer.network)),
+                layer.network.scale, [1, 1, 1, 1, 1, 1, 1, 1, 1])
+        torch.library.opcheck(torch.ops.tenvoo_fast.implicit_conv3d.default, args)
     with use_backend("triton"), use_strategy("implicit-gemm"):
         eager = layer(x)
         torch._dynamo.reset()
@@ -125,6 +126,28 @@ def test_refused_with_a_reason():
     every = [networks.tenvoo(v, default_factors(ci), default_factors(co), (3, 3, 3), r)
              for v in "LQ" for r in (1, 4, 12) for ci, co in DDPM_CONV_SHAPES]
     assert all(unsupported_reason(net) is None for net in every)
+
+
+@pytest.mark.usefixtures("implicit")
+def test_empty_batch():
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(8, 8, 3, padding=1), 2, "L")
+    x = torch.randn(0, 8, 3, 3, 3, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.equal(c.grad, torch.zeros_like(c)) for c in layer.cores)
+
+
+def test_refused_under_deterministic_algorithms():
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(8, 8, 3, padding=1), 2, "L", name="blk.d")
+    assert "implicit-gemm" in supported_strategies(layer, "triton")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "implicit-gemm" not in supported_strategies(layer, "triton")
+        with use_backend("triton"), use_strategy("implicit-gemm"):
+            with pytest.raises(AdapterError, match=r"blk\.d.*deterministic"):
+                layer(torch.randn(1, 8, 2, 2, 2))
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_auto_does_not_pick_it_unmeasured():

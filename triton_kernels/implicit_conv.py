@@ -66,6 +66,17 @@ def _weight_tile(P, Q, P0, Q0, base, p_rows, q_cols, w_off, mask_rows, mask_cols
 
 
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a·b in fp32 (IEEE for fp32 operands); ``UPCAST`` multiplies 16-bit operands as
+    fp32 (exact products, as the tensor cores form them): Triton's interpreter gets bf16 dots
+    wrong, so the launchers set it there."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def _split(v, S1, S2, S3):
     """Flat voxel index over (batch, S1, S2, S3) -> (n, i1, i2, i3)."""
     i3 = v % S3
@@ -85,7 +96,7 @@ def conv_fwd_kernel(
         SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-        HAS_FROZEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_FROZEN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_K: tl.constexpr):
     """y[n, co, o] = bias[co] + sum_{tap, ci} x[n, ci, o*s - p + tap*d] * W[co, ci, tap]."""
@@ -116,7 +127,7 @@ def conv_fwd_kernel(
                              q_k, K, scale, HAS_FROZEN, BLOCK_C, BLOCK_N, BLOCK_K)
             xt = tl.load(x + xrow[:, None] + rc[None, :].to(tl.int64) * sxc,
                          mask=valid[:, None] & mask_c[None, :], other=0.0)
-            acc = tl.dot(xt, w.to(xt.dtype), acc, input_precision="ieee")
+            acc = _dot(xt, w.to(xt.dtype), acc, UPCAST)
     if HAS_BIAS:
         acc = acc + tl.load(bias + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     yrow = (n.to(tl.int64) * syn + od.to(tl.int64) * syd + oh.to(tl.int64) * syh
@@ -144,7 +155,7 @@ def conv_dgrad_kernel(
         SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-        HAS_FROZEN: tl.constexpr,
+        HAS_FROZEN: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_K: tl.constexpr):
     """dx[n, ci, i] = sum_{tap, co} dy[n, co, (i + p - tap*d)/s] * W[co, ci, tap]."""
@@ -176,7 +187,7 @@ def conv_dgrad_kernel(
                              p_k, K, scale, HAS_FROZEN, BLOCK_C, BLOCK_N, BLOCK_K)
             g = tl.load(dy + grow[:, None] + rc[None, :].to(tl.int64) * sgc,
                         mask=valid[:, None] & mask_c[None, :], other=0.0)
-            acc = tl.dot(g, w.to(g.dtype), acc, input_precision="ieee")
+            acc = _dot(g, w.to(g.dtype), acc, UPCAST)
     xrow = (n.to(tl.int64) * sxn + id_.to(tl.int64) * sxd + ih.to(tl.int64) * sxh
             + iw.to(tl.int64) * sxw)
     tl.store(dx + xrow[:, None] + rn[None, :].to(tl.int64) * sxc, acc.to(dx.dtype.element_ty),
@@ -193,8 +204,8 @@ def conv_wgrad_kernel(
         SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-        BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_V: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        UPCAST: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """dP += scale*G·Q^T and dQ += scale*P^T·G for the tile G = dL/dW[co-block, ci-block, tap]
     summed over one split of the output voxels. Grid: (taps * Cin blocks, Cout blocks, splits)."""
     pid0, pid_co, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -223,7 +234,7 @@ def conv_wgrad_kernel(
                      mask=mask_ci[:, None] & valid[None, :], other=0.0)
         g = tl.load(dy + grow[:, None] + rco[None, :].to(tl.int64) * sgc,
                     mask=mask_v[:, None] & mask_co[None, :], other=0.0)
-        g_tile = tl.dot(xt, g.to(xt.dtype), g_tile, input_precision="ieee")
+        g_tile = _dot(xt, g.to(xt.dtype), g_tile, UPCAST)
     g_tile = g_tile * scale
     p_rows = tl.load(p_ci + rci, mask=mask_ci, other=0) + tl.load(p_tap + tap)
     q_cols = tl.load(q_co + rco, mask=mask_co, other=0) + tl.load(q_tap + tap)

@@ -36,19 +36,26 @@ def _generation_args(P, Q, P0, Q0):
     return [P, Q, P0 if P0 is not None else P, Q0 if Q0 is not None else Q]
 
 
-def forward(x, gen, P, Q, P0, Q0, base, bias, scale: float, conv, out_spatial):
+def _upcast(t) -> bool:
+    """Whether the kernels must multiply 16-bit operands as fp32 (the interpreter's bf16 dot
+    is wrong; on a GPU the tensor cores take them as they are)."""
+    return t.device.type != "cuda" and t.dtype == torch.bfloat16
+
+
+def forward(x, gen, P, Q, P0, Q0, base, bias, scale: float, conv, out_spatial, out_format):
     """conv3d(x, base + scale*(T(θ) - T(θ0))) + bias in x's dtype, W generated per tile."""
     nb, cin = x.shape[:2]
     cout = base.shape[0]
     y = torch.empty((nb, cout, *out_spatial), dtype=x.dtype, device=x.device,
-                    memory_format=memory_format(x))
+                    memory_format=out_format)
     dims, consts = _geometry(x.shape, y.shape, base.shape[2:], conv)
     offs = gen.offsets(x.device)
     grid = (_cdiv(nb * y.shape[2:].numel(), k.BLOCK_M), _cdiv(cout, k.BLOCK_N))
     _launch(k.conv_fwd_kernel, grid, x, *_generation_args(P, Q, P0, Q0),
             base.contiguous(), bias if bias is not None else y, y, *offs, gen.p_k, gen.q_k,
             gen.bond, float(scale), *dims, *x.stride(), *y.stride(),
-            HAS_FROZEN=P0 is not None, HAS_BIAS=bias is not None, BLOCK_M=k.BLOCK_M,
+            HAS_FROZEN=P0 is not None, HAS_BIAS=bias is not None, UPCAST=_upcast(x),
+            BLOCK_M=k.BLOCK_M,
             BLOCK_N=k.BLOCK_N, BLOCK_C=k.BLOCK_C, BLOCK_K=k.BLOCK_K, **consts)
     return y
 
@@ -62,7 +69,7 @@ def input_grad(dy, x_shape, gen, P, Q, P0, Q0, base, scale: float, conv, x_forma
     _launch(k.conv_dgrad_kernel, grid, dy, *_generation_args(P, Q, P0, Q0),
             base.contiguous(), dx, *gen.offsets(dy.device), gen.p_k, gen.q_k, gen.bond,
             float(scale), *dims, *dy.stride(), *dx.stride(), HAS_FROZEN=P0 is not None,
-            BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_C=k.BLOCK_C, BLOCK_K=k.BLOCK_K,
+            UPCAST=_upcast(dy), BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_C=k.BLOCK_C, BLOCK_K=k.BLOCK_K,
             **consts)
     return dx
 
@@ -76,6 +83,8 @@ def operand_grads(x, dy, gen, P, Q, scale: float, conv, kernel_size):
     taps = consts["KD"] * consts["KH"] * consts["KW"]
     tiles = taps * _cdiv(cin, k.BLOCK_C) * _cdiv(cout, k.BLOCK_N)
     voxels = nb * dy.shape[2:].numel()
+    if voxels == 0:
+        return dP, dQ
     chunks = _cdiv(voxels, k.BLOCK_V)
     # Split the voxel sum until the GPU has a few waves of programs (atomics add the splits).
     splits = 1 if x.device.type != "cuda" else max(1, min(chunks, _cdiv(4 * _sms(x), tiles)))
@@ -83,18 +92,10 @@ def operand_grads(x, dy, gen, P, Q, scale: float, conv, kernel_size):
     grid = (taps * _cdiv(cin, k.BLOCK_C), _cdiv(cout, k.BLOCK_N), _cdiv(voxels, per_split))
     _launch(k.conv_wgrad_kernel, grid, x, dy, P, Q, dP, dQ, *gen.offsets(x.device), gen.p_k,
             gen.q_k, gen.bond, float(scale), per_split, *dims, *x.stride(), *dy.stride(),
-            BLOCK_CI=k.BLOCK_C, BLOCK_CO=k.BLOCK_N, BLOCK_V=k.BLOCK_V, BLOCK_K=k.BLOCK_K,
-            **consts)
+            UPCAST=_upcast(x), BLOCK_CI=k.BLOCK_C, BLOCK_CO=k.BLOCK_N, BLOCK_V=k.BLOCK_V,
+            BLOCK_K=k.BLOCK_K, **consts)
     return dP, dQ
 
 
 def _sms(x) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count
-
-
-def memory_format(x):
-    """channels_last_3d if x is laid out so (and not also contiguous), else contiguous."""
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format

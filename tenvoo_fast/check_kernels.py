@@ -62,46 +62,32 @@ def conv_configurations():
     from .triton_kernels import implicit_conv as k
     cases = [(dt, "fp32", True, True, "3x3x3") for dt in DTYPES]
     cases += [("bf16", "bf16", False, False, g) for g in CONV_GEOMETRIES if g != "3x3x3"]
-    ints = ("p_ci", "p_tap", "q_co", "q_tap")
-    dims = ("NB", "CIN", "COUT", "D", "H", "W", "OD", "OH", "OW")
     for dt, base_dt, frozen, bias, geometry in cases:
         size, stride, pad = CONV_GEOMETRIES[geometry]
-        consts = {f"K{a}": size for a in "DHW"}
-        consts.update({f"S{a}": stride for a in "DHW"})
-        consts.update({f"P{a}": pad for a in "DHW"})
-        consts.update({f"D{a}": 1 for a in "DHW"})
-        common = dict(**{n: "*i64" for n in ints}, p_k="i32", q_k="i32", K="i32", scale="fp32")
-        operands = dict(P="*fp32", Q="*fp32")
-        frozen_ops = dict(P0="*fp32", Q0="*fp32")
-        blocks = dict(BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_C=k.BLOCK_C, BLOCK_K=k.BLOCK_K)
+        consts = {f"{p}{a}": v for p, v in (("K", size), ("S", stride), ("P", pad), ("D", 1))
+                  for a in "DHW"}
+        consts.update(HAS_FROZEN=frozen, HAS_BIAS=bias, UPCAST=False, BLOCK_M=k.BLOCK_M,
+                      BLOCK_N=k.BLOCK_N, BLOCK_C=k.BLOCK_C, BLOCK_K=k.BLOCK_K, BLOCK_V=k.BLOCK_V,
+                      BLOCK_CI=k.BLOCK_C, BLOCK_CO=k.BLOCK_N)
+        # Pointer element types by argument name; strides are i64, other scalars i32.
+        types = dict(x=dt, y=dt, dy=dt, dx=dt, base=base_dt, bias=base_dt, scale="fp32",
+                     **{n: "*i64" for n in ("p_ci", "p_tap", "q_co", "q_tap")})
+        pointers = {"x", "y", "dy", "dx", "base", "bias", "P", "Q", "P0", "Q0", "dP", "dQ"}
         tag = f"{dt},base {base_dt}{',frozen' if frozen else ''}{',bias' if bias else ''},{geometry}"
-
-        def sig(*groups):
-            out = {}
-            for g in groups:
-                out.update(g)
-            return out
-        fwd = sig(dict(x=f"*{dt}"), operands, frozen_ops, dict(base=f"*{base_dt}",
-                  bias=f"*{base_dt}", y=f"*{dt}"), common, {d: "i32" for d in dims},
-                  {f"s{t}{a}": "i64" for t in "xy" for a in "ncdhw"},
-                  {c: "constexpr" for c in (*consts, "HAS_FROZEN", "HAS_BIAS", "UPCAST",
-                                            *blocks)})
-        yield (f"conv_fwd_kernel[{tag}]", k.conv_fwd_kernel, fwd,
-               dict(consts, HAS_FROZEN=frozen, HAS_BIAS=bias, UPCAST=False, **blocks))
-        dgrad = sig(dict(dy=f"*{dt}"), operands, frozen_ops, dict(base=f"*{base_dt}",
-                    dx=f"*{dt}"), common, {d: "i32" for d in dims},
-                    {n: "i64" for n in [f"sg{a}" for a in "ncdhw"] + [f"sx{a}" for a in "ncdhw"]},
-                    {c: "constexpr" for c in (*consts, "HAS_FROZEN", "UPCAST", *blocks)})
-        yield (f"conv_dgrad_kernel[{tag}]", k.conv_dgrad_kernel, dgrad,
-               dict(consts, HAS_FROZEN=frozen, UPCAST=False, **blocks))
-        wblocks = dict(BLOCK_CI=k.BLOCK_C, BLOCK_CO=k.BLOCK_N, BLOCK_V=k.BLOCK_V,
-                       BLOCK_K=k.BLOCK_K)
-        wgrad = sig(dict(x=f"*{dt}", dy=f"*{dt}"), operands, dict(dP="*fp32", dQ="*fp32"),
-                    common, dict(voxels_per_split="i32"), {d: "i32" for d in dims},
-                    {n: "i64" for n in [f"sx{a}" for a in "ncdhw"] + [f"sg{a}" for a in "ncdhw"]},
-                    {c: "constexpr" for c in (*consts, "UPCAST", *wblocks)})
-        yield (f"conv_wgrad_kernel[{dt},{geometry}]", k.conv_wgrad_kernel, wgrad,
-               dict(consts, UPCAST=False, **wblocks))
+        for fn, name in ((k.conv_fwd_kernel, f"conv_fwd_kernel[{tag}]"),
+                         (k.conv_dgrad_kernel, f"conv_dgrad_kernel[{tag}]"),
+                         (k.conv_wgrad_kernel, f"conv_wgrad_kernel[{dt},{geometry}]")):
+            sig, used = {}, {}
+            for arg in fn.arg_names:
+                if arg in consts:
+                    sig[arg], used[arg] = "constexpr", consts[arg]
+                elif arg in pointers:
+                    sig[arg] = "*" + types.get(arg, "fp32")
+                elif arg in types:
+                    sig[arg] = types[arg]
+                else:
+                    sig[arg] = "i64" if arg.startswith("s") and len(arg) == 3 else "i32"
+            yield name, fn, sig, used
 
 
 def compile_one(fn, signature, constexprs, arch: int):

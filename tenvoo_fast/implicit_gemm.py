@@ -130,16 +130,12 @@ def _frozen_operands(frozen, equation, letters):
 
 
 def unsupported_reason(network) -> Optional[str]:
-    """None if ``network`` (a Conv3d adapter) can run implicit-gemm, else why not."""
+    """None if ``network`` (a TenVOO Conv3d adapter) can run implicit-gemm, else why not."""
     from .factorized import network_letters
     from .simplify import plan
-    try:
-        letters = ",".join(network_letters(network))
-    except (KeyError, TypeError):
-        return f"{network.method} has no channel-factor letters"
     p = plan(network.equation, network.shapes)
     try:
-        _tree(p.equation, p.shapes, letters)
+        _tree(p.equation, p.shapes, ",".join(network_letters(network)))
     except ValueError as e:
         return str(e)
     return None

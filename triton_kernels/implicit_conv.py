@@ -87,6 +87,26 @@ def _split(v, S1, S2, S3):
 
 
 @triton.jit
+def _voxel(n, i, j, k, sn, si, sj, sk):
+    """The int64 offset of voxel (n, i, j, k) of a (batch, channel, D, H, W) tensor."""
+    return (n.to(tl.int64) * sn + i.to(tl.int64) * si + j.to(tl.int64) * sj
+            + k.to(tl.int64) * sk)
+
+
+@triton.jit
+def _tap_input(mask, od, oh, ow, kd, kh, kw, D, H, W, SD: tl.constexpr, SH: tl.constexpr,
+               SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+               DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """The input voxel an output voxel reads through tap (kd, kh, kw), and whether it lies
+    inside the input (zero padding elsewhere)."""
+    id_ = od * SD - PD + kd * DD
+    ih = oh * SH - PH + kh * DH
+    iw = ow * SW - PW + kw * DW
+    valid = mask & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return id_, ih, iw, valid
+
+
+@triton.jit
 def conv_fwd_kernel(
         x, P, Q, P0, Q0, base, bias, y,
         p_ci, p_tap, q_co, q_tap, p_k, q_k, K, scale,
@@ -111,12 +131,9 @@ def conv_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(0, taps):
         kd, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
-        id_ = od * SD - PD + kd * DD
-        ih = oh * SH - PH + kh * DH
-        iw = ow * SW - PW + kw * DW
-        valid = mask_m & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xrow = (n.to(tl.int64) * sxn + id_.to(tl.int64) * sxd + ih.to(tl.int64) * sxh
-                + iw.to(tl.int64) * sxw)
+        id_, ih, iw, valid = _tap_input(mask_m, od, oh, ow, kd, kh, kw, D, H, W, SD, SH, SW,
+                                        PD, PH, PW, DD, DH, DW)
+        xrow = _voxel(n, id_, ih, iw, sxn, sxd, sxh, sxw)
         pt, qt = tl.load(p_tap + tap), tl.load(q_tap + tap)
         for c0 in range(0, CIN, BLOCK_C):
             rc = c0 + tl.arange(0, BLOCK_C)
@@ -130,8 +147,7 @@ def conv_fwd_kernel(
             acc = _dot(xt, w.to(xt.dtype), acc, UPCAST)
     if HAS_BIAS:
         acc = acc + tl.load(bias + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    yrow = (n.to(tl.int64) * syn + od.to(tl.int64) * syd + oh.to(tl.int64) * syh
-            + ow.to(tl.int64) * syw)
+    yrow = _voxel(n, od, oh, ow, syn, syd, syh, syw)
     tl.store(y + yrow[:, None] + rn[None, :].to(tl.int64) * syc, acc.to(y.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -174,8 +190,7 @@ def conv_dgrad_kernel(
         oh, vh = _source(ih, PH, kh * DH, SH, OH)
         ow, vw = _source(iw, PW, kw * DW, SW, OW)
         valid = mask_m & vd & vh & vw
-        grow = (n.to(tl.int64) * sgn + od.to(tl.int64) * sgd + oh.to(tl.int64) * sgh
-                + ow.to(tl.int64) * sgw)
+        grow = _voxel(n, od, oh, ow, sgn, sgd, sgh, sgw)
         pt, qt = tl.load(p_tap + tap), tl.load(q_tap + tap)
         for c0 in range(0, COUT, BLOCK_C):
             rc = c0 + tl.arange(0, BLOCK_C)           # output channels, the K loop
@@ -188,8 +203,7 @@ def conv_dgrad_kernel(
             g = tl.load(dy + grow[:, None] + rc[None, :].to(tl.int64) * sgc,
                         mask=valid[:, None] & mask_c[None, :], other=0.0)
             acc = _dot(g, w.to(g.dtype), acc, UPCAST)
-    xrow = (n.to(tl.int64) * sxn + id_.to(tl.int64) * sxd + ih.to(tl.int64) * sxh
-            + iw.to(tl.int64) * sxw)
+    xrow = _voxel(n, id_, ih, iw, sxn, sxd, sxh, sxw)
     tl.store(dx + xrow[:, None] + rn[None, :].to(tl.int64) * sxc, acc.to(dx.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -222,14 +236,10 @@ def conv_wgrad_kernel(
         rv = v0 + tl.arange(0, BLOCK_V)
         mask_v = rv < total
         n, od, oh, ow = _split(rv, OD, OH, OW)
-        id_ = od * SD - PD + kd * DD
-        ih = oh * SH - PH + kh * DH
-        iw = ow * SW - PW + kw * DW
-        valid = mask_v & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xrow = (n.to(tl.int64) * sxn + id_.to(tl.int64) * sxd + ih.to(tl.int64) * sxh
-                + iw.to(tl.int64) * sxw)
-        grow = (n.to(tl.int64) * sgn + od.to(tl.int64) * sgd + oh.to(tl.int64) * sgh
-                + ow.to(tl.int64) * sgw)
+        id_, ih, iw, valid = _tap_input(mask_v, od, oh, ow, kd, kh, kw, D, H, W, SD, SH, SW,
+                                        PD, PH, PW, DD, DH, DW)
+        xrow = _voxel(n, id_, ih, iw, sxn, sxd, sxh, sxw)
+        grow = _voxel(n, od, oh, ow, sgn, sgd, sgh, sgw)
         xt = tl.load(x + rci[:, None].to(tl.int64) * sxc + xrow[None, :],
                      mask=mask_ci[:, None] & valid[None, :], other=0.0)
         g = tl.load(dy + grow[:, None] + rco[None, :].to(tl.int64) * sgc,

@@ -21,6 +21,16 @@ the input's dtype. Backward recomputes the rank-sized maps from the saved input 
 keeping them, and turns the blocks' gradients into every core's through their own environment
 contractions.
 
+Only the 1x1x1 maps touch activation-sized tensors (Cin or Cout channels per voxel); the rest
+is rank-sized. Those maps run through :mod:`tenvoo_fast.activation_maps`: in torch on the
+``recompute``/``native`` backends (which convert x to fp32 and form the adapter term as a
+tensor), or in the fused Triton kernels on the ``triton`` backend
+(:mod:`tenvoo_fast.triton_kernels.factored_conv`), which read x, dy and the base conv's output
+once each in their own dtype and layout, project onto θ's and θ0's ranks in one pass, add
+``scale·(V·z2 - V0·z2_0)`` into the base output in place, and reduce the U and V blocks'
+gradients without an fp32 copy of x or dy. The rank-sized conv with K runs in torch (cuDNN),
+without TF32.
+
 It pays off where Cin·Cout is large against the blocks' ranks and the voxels are few
 (:func:`conv_costs` estimates both strategies for :mod:`tenvoo_fast.strategy`).
 """
@@ -35,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import environment, simplify
+from . import activation_maps, environment, simplify
 from .networks import QUANTA_ACTIVATION_EQUATION
-from .ops import conv_output_spatial, reduced_cores, stored_grads
-from .reference import contraction_dtype
+from .ops import conv_output_spatial, memory_format, reduced_cores, stored_grads
+from .reference import contraction_dtype, ieee_fp32
 
 
 @dataclass(frozen=True)
@@ -117,15 +127,15 @@ def _block_grads(equation, cores, idx, state, grad):
 
 
 def _maps(part, cores, cin, cout, kernel_shape):
-    """U as a (R_U, Cin, 1, 1, 1) kernel, K as (R_V, R_U, kD, kH, kW), V as (Cout, R_V, 1, 1, 1),
-    and the block states for the reverse sweep."""
+    """U as an (R_U, Cin) matrix, K as an (R_V, R_U, kD, kH, kW) kernel, V as a (Cout, R_V)
+    matrix, and the block states for the reverse sweep."""
     su = _block(part.u_equation, cores, part.u_cores)
     sk = _block(part.k_equation, cores, part.k_cores)
     sv = _block(part.v_equation, cores, part.v_cores)
-    u = su[2].reshape(cin, part.rank_u).t().reshape(part.rank_u, cin, 1, 1, 1)
+    u = su[2].reshape(cin, part.rank_u).t()
     k = sk[2].reshape(part.rank_u, -1, part.rank_v).permute(2, 0, 1).reshape(
         part.rank_v, part.rank_u, *kernel_shape)
-    v = sv[2].reshape(cout, part.rank_v, 1, 1, 1)
+    v = sv[2].reshape(cout, part.rank_v)
     return (u, k, v), (su, sk, sv)
 
 
@@ -133,20 +143,16 @@ def _conv_args(conv):
     return conv[0:3], conv[3:6], conv[6:9]
 
 
-def _apply(x, maps, conv):
-    u, k, v = maps
-    stride, padding, dilation = _conv_args(conv)
-    z1 = F.conv3d(x, u)
-    z2 = F.conv3d(z1, k, None, stride, padding, dilation)
-    return F.conv3d(z2, v), z1, z2
-
-
 def _setup(cores, frozen, equation, letters, base):
+    """(plan, partition, reduced cores, θ's maps and block states, θ0's maps or Nones)."""
     p, _, reduced = reduced_cores(cores, equation)
     part = partition(p.equation, tuple(tuple(c.shape) for c in reduced), *letters.split(","))
-    red_frozen = reduced_cores(frozen, equation)[2] if frozen else None
     cout, cin, *kernel_shape = base.shape
-    return p, part, reduced, red_frozen, cin, cout, kernel_shape
+    maps, states = _maps(part, reduced, cin, cout, kernel_shape)
+    maps0 = (None, None, None)
+    if frozen:
+        maps0 = _maps(part, reduced_cores(frozen, equation)[2], cin, cout, kernel_shape)[0]
+    return p, part, reduced, maps, states, maps0
 
 
 def _recompute_autograd(op, backward_op):
@@ -181,68 +187,65 @@ def _recompute_autograd(op, backward_op):
 @torch.library.custom_op("tenvoo_fast::factored_conv3d", mutates_args=())
 def factored_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                     bias: Optional[Tensor], equation: str, letters: str, scale: float,
-                    conv: list[int]) -> Tensor:
+                    conv: list[int], kernel: str) -> Tensor:
     """``conv3d(x, W, bias) + scale * (A(x; θ) - A(x; θ0))`` with ``A = V·conv(U·x, K)`` (see the
-    module docstring); ``letters`` = "out,in,kernel" letters (e.g. ``"ABC,abc,xyz"``), ``conv`` = stride + padding +
-    dilation (9 ints); ``frozen`` empty: no frozen copy."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
-        p, part, reduced, red_frozen, cin, cout, ks = _setup(cores, frozen, equation, letters,
-                                                             base)
+    module docstring); ``letters`` = "out,in,kernel" letters (e.g. ``"ABC,abc,xyz"``), ``conv`` =
+    stride + padding + dilation (9 ints); ``frozen`` empty: no frozen copy; ``kernel`` runs the
+    activation-sized maps (:func:`activation_maps.maps`)."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad(), ieee_fp32():
+        p, part, reduced, (u, k, v), _, (u0, k0, v0) = _setup(cores, frozen, equation, letters,
+                                                                base)
+        run = activation_maps.maps(kernel)
         stride, padding, dilation = _conv_args(conv)
+        layout = memory_format(x)
         y = F.conv3d(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype), stride,
                      padding, dilation)
-        x32 = x.to(reduced[0].dtype)
-        delta = _apply(x32, _maps(part, reduced, cin, cout, ks)[0], conv)[0]
-        if red_frozen is not None:
-            delta = delta - _apply(x32, _maps(part, red_frozen, cin, cout, ks)[0], conv)[0]
-        return (y.to(delta.dtype) + scale * delta).to(x.dtype)
+        z1, z1_0 = run.project(x, u, u0, memory_format=layout)
+        z2 = F.conv3d(z1, k, None, stride, padding, dilation)
+        z2_0 = F.conv3d(z1_0, k0, None, stride, padding, dilation) if frozen else None
+        return run.add_expanded(y, z2, v, z2_0, v0, scale).contiguous(memory_format=layout)
 
 
 @factored_conv3d.register_fake
-def _(x, base, cores, frozen, bias, equation, letters, scale, conv):
+def _(x, base, cores, frozen, bias, equation, letters, scale, conv, kernel):
     stride, padding, dilation = _conv_args(conv)
     spatial = conv_output_spatial(x.shape[2:], base.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], base.shape[0], *spatial))
-
-
-def _input_grad(g, maps, z1, conv, need_k: bool):
-    """dL/dx of A(x) given dL/dA = g, and dL/dz1 (and dL/dK if ``need_k``; z1 = U·x, whose
-    values matter only then: otherwise any tensor of its shape will do)."""
-    u, k, v = maps
-    stride, padding, dilation = _conv_args(conv)
-    gz2 = F.conv3d(g, v.transpose(0, 1))
-    gz1, gk, _ = torch.ops.aten.convolution_backward(
-        gz2, z1, k, None, stride, padding, dilation, False, [0, 0, 0], 1, [True, need_k, False])
-    gx = F.conv3d(gz1, u.transpose(0, 1))
-    return gx, gz1, gk
+    return torch.empty((x.shape[0], base.shape[0], *spatial), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(x))
 
 
 @torch.library.custom_op("tenvoo_fast::factored_conv3d_backward", mutates_args=())
 def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
                              frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
                              need_bias: bool, equation: str, letters: str, scale: float,
-                             conv: list[int]) -> list[Tensor]:
-    """[grad_x, grad_bias, *grad_cores] of :func:`factored_conv3d`, recomputing U·x and
-    conv(U·x, K) from the saved input; the cores' gradients come from the blocks' gradients
-    (dV = g ⊗ z2, dK from the small conv's weight gradient, dU = x ⊗ dz1) by each block's
-    reverse sweep."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
-        p, part, reduced, red_frozen, cin, cout, ks = _setup(cores, frozen, equation, letters,
-                                                             base)
+                             conv: list[int], kernel: str) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of :func:`factored_conv3d`, recomputing z1 = U·x and
+    z2 = conv(z1, K) from the saved input. The blocks' gradients (dV = g ⊗ z2, dK from the
+    small conv's weight gradient, dU = x ⊗ dz1) give every core's by each block's reverse
+    sweep; the input gradient is the base conv's plus Uᵀ·dz1 (minus θ0's), added in place."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad(), ieee_fp32():
+        p, part, reduced, (u, k, v), states, (u0, k0, v0) = _setup(cores, frozen, equation,
+                                                                    letters, base)
+        run = activation_maps.maps(kernel)
         stride, padding, dilation = _conv_args(conv)
-        dtype = reduced[0].dtype
-        x32 = x.to(dtype)
+        layout = memory_format(x)
         g = grad_out.to(x.dtype)
-        g32 = grad_out.to(dtype) * scale
-        maps, states = _maps(part, reduced, cin, cout, ks)
-        _, z1, z2 = _apply(x32, maps, conv)
-        gx_a, gz1, gk = _input_grad(g32, maps, z1, conv, True)
-        gv = torch.einsum("no...,nr...->or", g32, z2)
-        gu = torch.einsum("nc...,nr...->cr", x32, gz1)
+        z1 = run.project(x, u, memory_format=layout)[0]
+        z2 = F.conv3d(z1, k, None, stride, padding, dilation)
+        frozen_x = bool(frozen) and need_x
+        gz2, gz2_0 = run.project(g, v.t(), v0.t() if frozen_x else None, scale,
+                                 memory_format=layout)
+
+        def small_conv_backward(grad, weight, need_weight):
+            return torch.ops.aten.convolution_backward(
+                grad, z1, weight, None, stride, padding, dilation, False, [0, 0, 0], 1,
+                [True, need_weight, False])
+
+        gz1, gk, _ = small_conv_backward(gz2, k, True)
         block_grads = [
-            gu.reshape(states[0][2].shape),
+            run.outer(x, gz1).reshape(states[0][2].shape),
             gk.reshape(part.rank_v, part.rank_u, -1).permute(1, 2, 0).reshape(states[1][2].shape),
-            gv.reshape(states[2][2].shape)]
+            run.outer(g, z2, scale).reshape(states[2][2].shape)]
         grads = [None] * len(reduced)
         for (eq, idx), st, gb in zip(((part.u_equation, part.u_cores),
                                       (part.k_equation, part.k_cores),
@@ -253,13 +256,12 @@ def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
         empty = x.new_empty(0)
         gx = empty
         if need_x:
-            gx_base = torch.ops.aten.convolution_backward(
+            gx = torch.ops.aten.convolution_backward(
                 g, x, base.to(x.dtype), None, stride, padding, dilation, False, [0, 0, 0], 1,
                 [True, False, False])[0]
-            if red_frozen is not None:
-                maps0, _ = _maps(part, red_frozen, cin, cout, ks)
-                gx_a = gx_a - _input_grad(g32, maps0, z1, conv, False)[0]
-            gx = (gx_base.to(dtype) + gx_a).to(x.dtype).contiguous()
+            gz1_0 = small_conv_backward(gz2_0, k0, False)[0] if frozen_x else None
+            gx = run.add_expanded(gx, gz1, u.t(), gz1_0, u0.t() if frozen_x else None)
+            gx = gx.contiguous(memory_format=layout)
         gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else empty
         return [gx, gb] + core_grads
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import environment, last_step
 from .factorized import _recompute_autograd
-from .ops import conv_output_spatial, reduced_cores, stored_grads
+from .ops import conv_output_spatial, memory_format, reduced_cores, stored_grads
 
 
 @dataclass(frozen=True)
@@ -162,15 +162,6 @@ def _(x, base, cores, frozen, bias, equation, letters, scale, conv):
     spatial = conv_output_spatial(x.shape[2:], base.shape[2:], conv[0:3], conv[3:6], conv[6:9])
     return torch.empty((x.shape[0], base.shape[0], *spatial), dtype=x.dtype, device=x.device,
                        memory_format=memory_format(x))
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """The layout the ops give their outputs and input gradients: channels-last for a
-    channels-last input (and not also contiguous), else contiguous."""
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 @torch.library.custom_op("tenvoo_fast::implicit_conv3d_backward", mutates_args=())

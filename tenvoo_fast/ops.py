@@ -41,6 +41,15 @@ def conv_output_spatial(spatial, kernel, stride, padding, dilation) -> list[int]
             zip(spatial, kernel, stride, padding, dilation)]
 
 
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the ops give their outputs and input gradients: channels-last for a
+    channels-last input (and not also contiguous), else contiguous."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def stored_grads(p, grads, cores) -> list[Tensor]:
     """Gradients of the reduced cores -> gradients of the stored cores (contiguous, core dtype)."""
     return [simplify.expand_grad(p, i, g, tuple(c.shape)).to(c.dtype).contiguous()

@@ -65,12 +65,13 @@ class RecomputeBackend:
                                               padding, layer.dilation)
         chosen = strategy.conv_strategy(layer, x.shape, out_spatial, self.kernel)
         if chosen != "merged":
-            op = (torch.ops.tenvoo_fast.factored_conv3d if chosen == "factorized"
-                  else torch.ops.tenvoo_fast.implicit_conv3d)
             frozen = [] if layer.frozen_cores is None else list(layer.frozen_cores)
-            return op(x, layer.weight, list(layer.cores), frozen, layer.bias,
-                      layer.network.equation, ",".join(factorized.network_letters(layer.network)),
-                      layer.network.scale, conv)
+            args = (x, layer.weight, list(layer.cores), frozen, layer.bias,
+                    layer.network.equation, ",".join(factorized.network_letters(layer.network)),
+                    layer.network.scale, conv)
+            if chosen == "factorized":
+                return torch.ops.tenvoo_fast.factored_conv3d(*args, self.kernel)
+            return torch.ops.tenvoo_fast.implicit_conv3d(*args)
         return torch.ops.tenvoo_fast.adapted_conv3d(
             x, layer.weight, layer.frozen_delta_weight(self), _views(layer.network, layer.cores),
             layer.bias, layer.network.equation, layer.network.scale, conv[0:3], conv[3:6],

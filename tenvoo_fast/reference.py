@@ -27,6 +27,15 @@ def contraction_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def ieee_fp32():
+    """A context in which fp32 convolutions run at full precision (no TF32, adapters.md §3),
+    for the adapter's own convolutions (PyTorch lets cuDNN use TF32 by default); the caller's
+    other cuDNN settings are kept."""
+    c = torch.backends.cudnn
+    return c.flags(enabled=c.enabled, benchmark=c.benchmark, benchmark_limit=c.benchmark_limit,
+                   deterministic=c.deterministic, allow_tf32=False)
+
+
 def _autocast_off(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 

@@ -4,7 +4,8 @@
   conv/linear on it; backward turns dL/dW into the cores' gradients.
 - ``"factorized"``: apply the adapter to the activations beside the frozen base layer
   (QuanTA Linear: :func:`tenvoo_fast.factorized.factored_linear`; TenVOO Conv3d:
-  :mod:`tenvoo_fast.factorized`); no weight-sized tensor and no dL/dW at all.
+  :mod:`tenvoo_fast.factorized`, its activation-sized maps in fused Triton kernels on the
+  ``triton`` backend); no weight-sized tensor and no dL/dW at all.
 - ``"implicit-gemm"`` (TenVOO Conv3d, ``triton`` backend): a Triton implicit-GEMM conv that
   generates the weight tiles from the cores on chip (:mod:`tenvoo_fast.implicit_gemm`).
 - ``"auto"`` (default): per layer and input shape, the cheaper of merged and factorized by a

@@ -1,6 +1,8 @@
 """Strategy 'factorized' for TenVOO Conv3d (V·conv(U·x, K) beside the frozen base conv): equal
 to the fp64 oracle, exact at initialisation, nothing weight-sized kept, traceable, and chosen
-by the cost model where it is cheaper."""
+by the cost model where it is cheaper. Each check runs the pure-torch maps (``recompute``) and
+the fused Triton ones (``triton``, in Triton's interpreter on tiny shapes off a GPU;
+tests/test_cuda.py runs them on a GPU)."""
 import pytest
 import torch
 from torch import nn
@@ -10,15 +12,21 @@ from oracle import rel_err
 from layer_checks import TOL, check_against_oracle, realistic_conv, train_a_little
 import tenvoo_fast
 from tenvoo_fast import AdapterError, LoRAConv3d, TenVOOConv3d, networks, use_backend, use_strategy
+from tenvoo_fast import activation_maps
 from tenvoo_fast.factorized import network_letters, partition
 from tenvoo_fast.memory import owned_tensors, saved_bytes
 from tenvoo_fast.strategy import conv_strategy
 
 
-@pytest.fixture
-def factorized():
-    with use_backend("recompute"), use_strategy("factorized"):
-        yield
+interpreted = pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="GPU present: tests/test_cuda.py covers the Triton maps")
+BACKENDS = ["recompute", pytest.param("triton", marks=interpreted)]
+
+
+@pytest.fixture(params=BACKENDS)
+def factorized(request):
+    with use_backend(request.param), use_strategy("factorized"):
+        yield request.param
 
 
 @pytest.mark.parametrize("cin,cout", DDPM_CONV_SHAPES)
@@ -33,7 +41,12 @@ def test_ddpm_shapes_against_the_oracle(cin, cout, variant, seeded, factorized):
 def test_every_dtype(variant, dtype, seeded, factorized):
     layer = train_a_little(TenVOOConv3d.from_conv(realistic_conv(12, 10, (3, 1, 3), dtype), 3,
                                                   variant))
-    check_against_oracle(layer, torch.randn(2, 12, 4, 3, 5, dtype=dtype), "conv", TOL[dtype])
+    x = torch.randn(2, 12, 4, 3, 5, dtype=dtype)
+    if factorized == "triton" and dtype == torch.float64:
+        with pytest.raises(AdapterError, match="fp64"):
+            layer(x)
+        return
+    check_against_oracle(layer, x, "conv", TOL[dtype])
 
 
 @pytest.mark.parametrize("conv", [
@@ -99,13 +112,106 @@ def test_opcheck_and_compile(seeded):
     x = torch.randn(2, 6, 4, 3, 4, requires_grad=True)
     args = (x, layer.weight, list(layer.cores), list(layer.frozen_cores), layer.bias,
             layer.network.equation, ",".join(network_letters(layer.network)),
-            layer.network.scale, [1, 1, 1, 1, 1, 1, 1, 1, 1])
+            layer.network.scale, [1, 1, 1, 1, 1, 1, 1, 1, 1], "torch")
     torch.library.opcheck(torch.ops.tenvoo_fast.factored_conv3d.default, args)
     with use_backend("recompute"), use_strategy("factorized"):
         eager = layer(x)
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     assert rel_err(compiled, eager) < 1e-6
+
+
+def test_opcheck_with_the_triton_maps(seeded):
+    layer = train_a_little(TenVOOConv3d.from_conv(nn.Conv3d(6, 8, 3, padding=1), 2, "L"))
+    x = torch.randn(2, 6, 3, 2, 3, requires_grad=True)
+    for inp in (x, x.detach().to(memory_format=torch.channels_last_3d).requires_grad_()):
+        args = (inp, layer.weight, list(layer.cores), list(layer.frozen_cores), layer.bias,
+                layer.network.equation, ",".join(network_letters(layer.network)),
+                layer.network.scale, [1, 1, 1, 1, 1, 1, 1, 1, 1], "triton")
+        torch.library.opcheck(torch.ops.tenvoo_fast.factored_conv3d.default, args)
+
+
+def test_channels_last_in_channels_last_out(seeded, factorized):
+    layer = train_a_little(TenVOOConv3d.from_conv(realistic_conv(16, 8), 2, "Q"))
+    x = torch.randn(2, 16, 4, 3, 5).to(memory_format=torch.channels_last_3d)
+    check_against_oracle(layer, x, "conv", TOL[torch.float32])
+    x.requires_grad_()
+    y = layer(x)
+    y.backward(torch.randn_like(y))
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_rank_wider_than_one_tile(seeded, factorized):
+    """TenVOO-Q at rank 6 has r³ = 216 rank channels: two of the kernels' 128-wide rank tiles,
+    the second masked."""
+    layer = train_a_little(TenVOOConv3d.from_conv(realistic_conv(8, 8), 6, "Q"))
+    check_against_oracle(layer, torch.randn(1, 8, 3, 3, 2), "conv", TOL[torch.float32])
+
+
+def test_empty_batch(factorized):
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(8, 8, 3, padding=1), 2, "L")
+    x = torch.randn(0, 8, 3, 3, 3, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(torch.equal(c.grad, torch.zeros_like(c)) for c in layer.cores)
+
+
+@interpreted
+def test_the_triton_backend_runs_the_fused_maps(seeded, monkeypatch):
+    """The triton backend's factorized conv goes through the three Triton launchers (forward:
+    project and expand; backward: project, outer twice and expand), the others through torch."""
+    from tenvoo_fast.triton_kernels import launch_factored
+    calls = []
+    for name in ("project", "add_expanded", "outer"):
+        fn = getattr(launch_factored, name)
+        monkeypatch.setattr(launch_factored, name,
+                            lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    layer = train_a_little(TenVOOConv3d.from_conv(nn.Conv3d(8, 8, 3, padding=1), 2, "L"))
+    x = torch.randn(1, 8, 3, 3, 3, requires_grad=True)
+    with use_backend("recompute"), use_strategy("factorized"):
+        layer(x).sum().backward()
+    assert calls == []
+    with use_backend("triton"), use_strategy("factorized"):
+        layer(x).sum().backward()
+    assert sorted(calls) == sorted(["project", "add_expanded",  # forward
+                                    "project", "project", "outer", "outer", "add_expanded"])
+
+
+def _strided(t, layout):
+    if layout == "channels-last":
+        return t.to(memory_format=torch.channels_last_3d)
+    if layout == "sliced":  # every other element along W
+        return torch.cat([t, t], dim=4)[..., ::2]
+    if layout == "permuted":  # H outermost in memory
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    return t
+
+
+@interpreted
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last", "sliced", "permuted"])
+@pytest.mark.parametrize("rank", [1, 20, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_maps_equal_the_torch_maps(layout, rank, dtype, seeded):
+    """Each launcher against its pure-torch twin (activation_maps) on odd ranks (one masked
+    tile; two tiles), strides and 16-bit inputs; θ0's accumulators cancel θ's exactly."""
+    from tenvoo_fast.triton_kernels import launch_factored as tri
+    ref = activation_maps
+    a = _strided(torch.randn(2, 40, 3, 4, 5).to(dtype), layout)
+    mat, mat0 = torch.randn(rank, 40), torch.randn(rank, 40)
+    up, up0 = torch.randn(40, rank), torch.randn(40, rank)
+    z, z0 = tri.project(a, mat, mat0, 0.5)
+    zr, zr0 = ref.project(a, mat, mat0, 0.5)
+    assert rel_err(z, zr) < 1e-6 and rel_err(z0, zr0) < 1e-6
+    y = _strided(torch.randn(2, 40, 3, 4, 5).to(dtype), layout)
+    got = tri.add_expanded(y.clone(), z, up, z0, up0, 0.25)
+    want = ref.add_expanded(y.clone().float(), z, up, z0, up0, 0.25).to(dtype)
+    assert rel_err(got, want) < TOL[dtype]
+    assert torch.equal(tri.add_expanded(y.clone(), z, up, z, up, 0.25), y)
+    assert rel_err(tri.outer(a, z, 2.0), ref.outer(a, z, 2.0)) < 1e-6
+    empty = a[:0]
+    assert tri.outer(empty, z[:0]).shape == (40, rank)
+    assert tri.project(empty, mat)[0].shape == (0, rank, 3, 4, 5)
 
 
 def test_auto_chooses_by_cost_and_refuses_what_cannot_factor():

@@ -1,0 +1,74 @@
+"""Launchers for :mod:`factored_conv`'s kernels: the activation-sized 1x1x1 maps of the fused
+factorised Conv3d. Big tensors are (batch, channels, D, H, W) with any strides; rank-sized
+outputs are fp32 in the big tensor's memory format; the maps are small contiguous fp32 matrices.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import factored_conv as k
+from .launch_conv import _cdiv, _launch
+
+
+def _dims(t):
+    """[voxels over batch and space, D, H, W] and the five strides of a 5-D tensor."""
+    return [t.shape[0] * t.shape[2:].numel(), *t.shape[2:]], list(t.stride())
+
+
+def project(a, mat, mat0=None, scale: float = 1.0, memory_format=torch.contiguous_format):
+    """``(Z, Z0)``: ``Z[n, r, ...] = scale·sum_c a[n, c, ...]·mat[r, c]`` in fp32 (and Z0 with
+    ``mat0``, else None); one read of ``a``."""
+    rank, chans = mat.shape
+    shape = (a.shape[0], rank, *a.shape[2:])
+    z = torch.empty(shape, dtype=torch.float32, device=a.device, memory_format=memory_format)
+    z0 = torch.empty_like(z) if mat0 is not None else None
+    (nv, *spatial), sa = _dims(a)
+    if nv == 0:
+        return z, z0
+    block_r = k.rank_block(rank)
+    grid = (_cdiv(nv, k.BLOCK_M), _cdiv(rank, block_r))
+    _launch(k.project_kernel, grid, a, mat.contiguous(),
+            (mat0 if mat0 is not None else mat).contiguous(), z, z0 if z0 is not None else z,
+            float(scale), nv, chans, rank, *spatial, *sa, *z.stride(),
+            HAS_FROZEN=mat0 is not None, BLOCK_M=k.BLOCK_M, BLOCK_C=k.BLOCK_C, BLOCK_R=block_r)
+    return z, z0
+
+
+def add_expanded(y, z, mat, z0=None, mat0=None, scale: float = 1.0):
+    """``y + scale·(z·matᵀ - z0·mat0ᵀ)`` per voxel, in fp32, rounded once to y's dtype and
+    written into y's storage (``mat``: (channels of y, rank)); returns y."""
+    chans, rank = mat.shape
+    (nv, *spatial), sy = _dims(y)
+    if nv == 0:
+        return y
+    frozen = mat0 is not None
+    grid = (_cdiv(nv, k.BLOCK_M), _cdiv(chans, k.BLOCK_N))
+    _launch(k.expand_kernel, grid, z, z0 if frozen else z, mat.contiguous(),
+            (mat0 if frozen else mat).contiguous(), y, float(scale), nv, chans, rank, *spatial,
+            *z.stride(), *sy, HAS_FROZEN=frozen, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N,
+            BLOCK_R=k.BLOCK_R)
+    return y
+
+
+def outer(a, z, scale: float = 1.0):
+    """``scale·sum_voxels a[n, c, ...]·z[n, r, ...]`` as a (channels, rank) fp32 matrix; the
+    voxel sum is split over enough programs to fill a GPU, and the splits' partials are added
+    in a fixed order (deterministic)."""
+    chans, rank = a.shape[1], z.shape[1]
+    (nv, *spatial), sa = _dims(a)
+    if nv == 0:
+        return torch.zeros(chans, rank, dtype=torch.float32, device=a.device)
+    block_r = k.rank_block(rank)
+    tiles = _cdiv(chans, k.BLOCK_C) * _cdiv(rank, block_r)
+    chunks = _cdiv(nv, k.BLOCK_V)
+    splits = 1
+    if a.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+        splits = max(1, min(chunks, _cdiv(4 * sms, tiles)))
+    per_split = _cdiv(chunks, splits) * k.BLOCK_V
+    splits = _cdiv(nv, per_split)
+    out = torch.empty(splits, chans, rank, dtype=torch.float32, device=a.device)
+    grid = (_cdiv(chans, k.BLOCK_C), _cdiv(rank, block_r), splits)
+    _launch(k.outer_kernel, grid, a, z, out, float(scale), per_split, nv, chans, rank, *spatial,
+            *sa, *z.stride(), BLOCK_C=k.BLOCK_C, BLOCK_R=block_r, BLOCK_V=k.BLOCK_V)
+    return out.sum(0)

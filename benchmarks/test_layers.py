@@ -79,11 +79,14 @@ def test_plain_conv(benchmark, shape, peer):
 # triton on the CPU would be its interpreter (a numerics check, not a speed): GPU only.
 # cpu / cuda: the native (csrc) kernels of this device, where the install built them.
 # "recompute" and "auto" choose the strategy per layer; the forced /merged and /factorized runs
-# beside them show whether the choice was the faster; triton/implicit-gemm is the Triton conv
-# that generates its weight tiles on chip (compare with trainable-conv: cuDNN's conv).
+# beside them show whether the choice was the faster; triton/factorized runs the factorised
+# conv's activation-sized maps in the fused Triton kernels (recompute/factorized: in torch);
+# triton/implicit-gemm is the Triton conv that generates its weight tiles on chip (compare with
+# trainable-conv: cuDNN's conv).
 @pytest.mark.parametrize("backend", ["reference", "recompute", "auto", DEVICE, "recompute/merged",
                                      "recompute/factorized"]
-                         + (["triton", "triton/implicit-gemm"] if DEVICE == "cuda" else []))
+                         + (["triton", "triton/factorized", "triton/implicit-gemm"]
+                            if DEVICE == "cuda" else []))
 def test_tenvoo_conv(benchmark, shape, adapter, backend):
     name, _, strategy = backend.partition("/")
     reason = tenvoo_fast.backends.get_backend(name).unavailable_reason() if name in (

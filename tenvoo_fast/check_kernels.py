@@ -69,7 +69,7 @@ def conv_configurations():
         consts.update(HAS_FROZEN=frozen, HAS_BIAS=bias, UPCAST=False, BLOCK_M=k.BLOCK_M,
                       BLOCK_N=k.BLOCK_N, BLOCK_C=k.BLOCK_C, BLOCK_K=k.BLOCK_K, BLOCK_V=k.BLOCK_V,
                       BLOCK_CI=k.BLOCK_C, BLOCK_CO=k.BLOCK_N)
-        # Pointer element types by argument name; strides are i64, other scalars i32.
+        # Pointer element types by argument name.
         types = dict(x=dt, y=dt, dy=dt, dx=dt, base=base_dt, bias=base_dt, scale="fp32",
                      **{n: "*i64" for n in ("p_ci", "p_tap", "q_co", "q_tap")})
         pointers = {"x", "y", "dy", "dx", "base", "bias", "P", "Q", "P0", "Q0", "dP", "dQ"}
@@ -77,17 +77,43 @@ def conv_configurations():
         for fn, name in ((k.conv_fwd_kernel, f"conv_fwd_kernel[{tag}]"),
                          (k.conv_dgrad_kernel, f"conv_dgrad_kernel[{tag}]"),
                          (k.conv_wgrad_kernel, f"conv_wgrad_kernel[{dt},{geometry}]")):
-            sig, used = {}, {}
-            for arg in fn.arg_names:
-                if arg in consts:
-                    sig[arg], used[arg] = "constexpr", consts[arg]
-                elif arg in pointers:
-                    sig[arg] = "*" + types.get(arg, "fp32")
-                elif arg in types:
-                    sig[arg] = types[arg]
-                else:
-                    sig[arg] = "i64" if arg.startswith("s") and len(arg) == 3 else "i32"
-            yield name, fn, sig, used
+            yield (name, fn, *_signature(fn, consts, pointers, types))
+
+
+def factored_configurations():
+    """(name, kernel, signature, constexprs) of the fused factorised conv's maps: every dtype
+    of the big tensor with a frozen copy (the projection and outer product at the largest rank
+    tile), fp32 at the smallest rank tile, and fp32 without a frozen copy."""
+    from .triton_kernels import factored_conv as k
+    blocks = dict(BLOCK_M=k.BLOCK_M, BLOCK_C=k.BLOCK_C, BLOCK_N=k.BLOCK_N, BLOCK_V=k.BLOCK_V)
+    pointers = {"A", "Mat", "Mat0", "Z", "Z0", "Y", "out"}
+    cases = [(k.project_kernel, dt, True, k.MAX_BLOCK_R) for dt in DTYPES]
+    cases += [(k.outer_kernel, dt, True, k.MAX_BLOCK_R) for dt in DTYPES]
+    cases += [(k.expand_kernel, dt, True, k.BLOCK_R) for dt in DTYPES]
+    cases += [(k.project_kernel, "fp32", True, 16), (k.outer_kernel, "fp32", True, 16),
+              (k.project_kernel, "fp32", False, 64), (k.expand_kernel, "fp32", False, k.BLOCK_R)]
+    for fn, dt, frozen, block_r in cases:
+        consts = dict(HAS_FROZEN=frozen, BLOCK_R=block_r, **blocks)
+        sig, used = _signature(fn, consts, pointers, dict(A=dt, Y=dt, scale="fp32"))
+        tag = f"{dt}{',frozen' if 'HAS_FROZEN' in used and frozen else ''},rank tile {block_r}"
+        yield f"{fn.__name__}[{tag}]", fn, sig, used
+
+
+def _signature(fn, consts, pointers, types):
+    """(signature, constexprs) of ``fn`` from its argument names: constexprs from ``consts``;
+    pointers (``pointers``) to ``types[name]`` (else fp32); other scalars by ``types``, else
+    i64 for strides (three letters starting with s) and i32."""
+    sig, used = {}, {}
+    for arg in fn.arg_names:
+        if arg in consts:
+            sig[arg], used[arg] = "constexpr", consts[arg]
+        elif arg in pointers:
+            sig[arg] = "*" + types.get(arg, "fp32")
+        elif arg in types:
+            sig[arg] = types[arg]
+        else:
+            sig[arg] = "i64" if arg.startswith("s") and len(arg) == 3 else "i32"
+    return sig, used
 
 
 def compile_one(fn, signature, constexprs, arch: int):
@@ -180,7 +206,8 @@ def run_cuda(archs: list[int]) -> int:
 def run(archs: list[int]) -> int:
     """Compile everything for ``archs``; print one line each; return the number of failures."""
     failures = run_cuda(archs)
-    for name, fn, sig, consts in itertools.chain(configurations(), conv_configurations()):
+    for name, fn, sig, consts in itertools.chain(configurations(), conv_configurations(),
+                                                 factored_configurations()):
         for arch in archs:
             try:
                 compiled = compile_one(fn, sig, consts, arch)

@@ -82,16 +82,20 @@ def test_tenvoo_conv_on_cuda(cin, cout, vol, variant, dtype, backend):
 @pytest.mark.parametrize("variant", ["L", "Q"])
 @pytest.mark.parametrize("cin,cout,vol", SHAPES)
 @pytest.mark.parametrize("conv", [dict(padding=1), dict(padding=1, stride=2)], ids=["s1", "s2"])
-def test_implicit_gemm_on_cuda(cin, cout, vol, variant, dtype, conv):
-    """The Triton conv with on-chip weight generation (strategy implicit-gemm)."""
+@pytest.mark.parametrize("strategy,backend", [("implicit-gemm", "triton"),
+                                              ("factorized", "triton"),
+                                              ("factorized", "recompute")])
+def test_conv_strategies_on_cuda(cin, cout, vol, variant, dtype, conv, strategy, backend):
+    """The Triton conv with on-chip weight generation (implicit-gemm), and the factorised conv
+    with its activation-sized maps in the fused Triton kernels and in torch."""
     torch.manual_seed(0)
     base = nn.Conv3d(cin, cout, 3, **conv, device="cuda", dtype=dtype)
     with torch.no_grad():
         base.weight.normal_(0, 0.02)
     layer = _trained(TenVOOConv3d.from_conv(base, 4, variant))
-    with use_strategy("implicit-gemm"):
-        _check(layer, torch.randn(2, cin, *vol, device="cuda"), "conv", dtype, "triton")
-    assert layer.execution_strategy == "implicit-gemm"
+    with use_strategy(strategy):
+        _check(layer, torch.randn(2, cin, *vol, device="cuda"), "conv", dtype, backend)
+    assert layer.execution_strategy == strategy
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -124,13 +128,15 @@ def _check(layer, x, kind, dtype, backend):
         assert rel_err(g.grad.cpu(), g0) <= 2 * t + 10 * floor, f"core {i} gradient"
 
 
+@pytest.mark.parametrize("strategy", ["auto", "factorized"])
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("variant", ["L", "Q"])
-def test_bf16_autocast_on_cuda_identical_to_base_at_init(variant, backend):
+def test_bf16_autocast_on_cuda_identical_to_base_at_init(variant, backend, strategy):
     torch.manual_seed(0)
     conv = nn.Conv3d(64, 32, 3, padding=1, device="cuda")
     layer = TenVOOConv3d.from_conv(conv, 4, variant)
     x = torch.randn(1, 64, 8, 8, 6, device="cuda")
-    with use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+    with (use_backend(backend), use_strategy(strategy),
+          torch.autocast("cuda", dtype=torch.bfloat16)):
         y, y_base = layer(x), conv(x)
     assert torch.equal(y, y_base)

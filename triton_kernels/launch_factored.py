@@ -50,10 +50,10 @@ def add_expanded(y, z, mat, z0=None, mat0=None, scale: float = 1.0):
     return y
 
 
-def outer(a, z, scale: float = 1.0):
+def outer(a, z, scale: float = 1.0, splits: int | None = None):
     """``scale·sum_voxels a[n, c, ...]·z[n, r, ...]`` as a (channels, rank) fp32 matrix; the
-    voxel sum is split over enough programs to fill a GPU, and the splits' partials are added
-    in a fixed order (deterministic)."""
+    voxel sum is split (``splits``, default: enough programs to fill a GPU, one on the CPU) and
+    the splits' partials are added in a fixed order (deterministic)."""
     chans, rank = a.shape[1], z.shape[1]
     (nv, *spatial), sa = _dims(a)
     if nv == 0:
@@ -61,11 +61,10 @@ def outer(a, z, scale: float = 1.0):
     block_r = k.rank_block(rank)
     tiles = _cdiv(chans, k.BLOCK_C) * _cdiv(rank, block_r)
     chunks = _cdiv(nv, k.BLOCK_V)
-    splits = 1
-    if a.device.type == "cuda":
+    if splits is None and a.device.type == "cuda":
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
         splits = max(1, min(chunks, _cdiv(4 * sms, tiles)))
-    per_split = _cdiv(chunks, splits) * k.BLOCK_V
+    per_split = _cdiv(chunks, max(1, min(splits or 1, chunks))) * k.BLOCK_V
     splits = _cdiv(nv, per_split)
     out = torch.empty(splits, chans, rank, dtype=torch.float32, device=a.device)
     grid = (_cdiv(chans, k.BLOCK_C), _cdiv(rank, block_r), splits)

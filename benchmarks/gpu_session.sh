@@ -10,6 +10,8 @@
 #             backend and strategy per layer), and TenVOO-L forced to the factorized and
 #             implicit-gemm strategies on the triton backend.
 # Usage: STAGES=build,tests,layers,paper bash benchmarks/gpu_session.sh   (raw results in $OUT)
+# Under a 10-minute limit per command, run it as three calls: STAGES=build,tests, then layers,
+# then paper (the build is kept between calls on the same machine).
 # Wheels in .whl/ (MONAI, nibabel, LyCORIS: the device image lacks them) are installed first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -36,7 +38,7 @@ print(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 PY
 cli="python3 -m tenvoo_fast.cli"
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout 300 python3 -m pytest tests/test_cuda.py tests/test_triton.py -q -p no:cacheprovider -rs 2>&1 \
+  timeout 480 python3 -m pytest tests/test_cuda.py tests/test_triton.py -q -p no:cacheprovider -rs 2>&1 \
     | tee "$OUT/tests.log" | tail -5
 fi
 if [[ ,$STAGES, == *,layers,* ]]; then

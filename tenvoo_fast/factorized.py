@@ -253,8 +253,7 @@ def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
             for i, gi in zip(idx, _block_grads(eq, reduced, idx, st, gb)):
                 grads[i] = gi
         core_grads = stored_grads(p, grads, cores)
-        empty = x.new_empty(0)
-        gx = empty
+        gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
         if need_x:
             gx = torch.ops.aten.convolution_backward(
                 g, x, base.to(x.dtype), None, stride, padding, dilation, False, [0, 0, 0], 1,
@@ -262,7 +261,7 @@ def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
             gz1_0 = small_conv_backward(gz2_0, k0, False)[0] if frozen_x else None
             gx = run.add_expanded(gx, gz1, u.t(), gz1_0, u0.t() if frozen_x else None)
             gx = gx.contiguous(memory_format=layout)
-        gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else empty
+        gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else x.new_empty(0)
         return [gx, gb] + core_grads
 
 
@@ -329,14 +328,13 @@ def factored_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
                                              g_adapter.reshape(out.shape))
 
         gx_adapter, *core_grads = grads(cores)
-        empty = x.new_empty(0)
-        gx = empty
+        gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
         if need_x:
             if frozen:
                 gx_adapter = gx_adapter - grads(frozen)[0]
             gx = (g.matmul(base.to(x.dtype)).to(x3.dtype) + gx_adapter.reshape(g.shape[0], -1))
             gx = gx.to(x.dtype).reshape(x.shape)
-        gb = g.sum(0).to(bias.dtype) if need_bias else empty
+        gb = g.sum(0).to(bias.dtype) if need_bias else x.new_empty(0)
         return [gx, gb] + [cg.to(c.dtype).contiguous() for cg, c in zip(core_grads, cores)]
 
 

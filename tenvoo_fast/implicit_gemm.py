@@ -181,13 +181,12 @@ def implicit_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
             last_step.unmatrix(da, lay, lay.batch + lay.rows + lay.bond, lay.left_idx),
             last_step.unmatrix(db, lay, lay.batch + lay.bond + lay.cols, lay.right_idx)))
         core_grads = stored_grads(p, grads, cores)
-        empty = x.new_empty(0)
-        gx = empty
+        gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
         if need_x:
             P0, Q0 = _frozen_operands(frozen, equation, letters)
             gx = launch.input_grad(g, list(x.shape), gen, P, Q, P0, Q0, base, scale, conv,
                                    memory_format(x))
-        gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else empty
+        gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else x.new_empty(0)
         return [gx, gb] + core_grads
 
 

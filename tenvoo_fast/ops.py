@@ -197,9 +197,9 @@ def adapted_backward(grad_out: Tensor, x: Tensor, base: Tensor, frozen_delta: Op
             gb = g2.sum(0) if need_bias else None
         grads = _reverse(steps, nodes, reduced, gw, scale, kernel)
         core_grads = stored_grads(p, grads, cores)
-        empty = x.new_empty(0)
-        return [gx.contiguous() if gx is not None else empty,
-                gb.to(bias.dtype) if gb is not None else empty] + core_grads
+        # Separate empties: a custom op's outputs may not alias each other.
+        return [gx.contiguous() if gx is not None else x.new_empty(0),
+                gb.to(bias.dtype) if gb is not None else x.new_empty(0)] + core_grads
 
 
 @adapted_backward.register_fake

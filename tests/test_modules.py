@@ -250,3 +250,28 @@ def test_triton_backend_says_why_it_cannot_run(monkeypatch):
         layer(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64))
     with use_backend("auto"):  # never the interpreter under auto
         assert tenvoo_fast.backends.resolve(layer.float(), torch.randn(1, 4, 3, 3, 3)).name != "triton"
+
+
+@pytest.mark.parametrize("path", ["recompute/merged", "recompute/factorized", "cpu/merged",
+                                  "triton/merged", "triton/factorized", "triton/implicit-gemm"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_only_the_cores_need_gradients(path, kind, seeded):
+    """A frozen bias and an input without grad (the first adapted layer of a model whose biases
+    are frozen, the default): each backward op returns two unneeded gradients, which must be
+    distinct empty tensors (torch.library refuses outputs that alias)."""
+    name, _, strategy = path.partition("/")
+    if name == "triton" and torch.cuda.is_available():
+        pytest.skip("interpreter check (tests/test_cuda.py covers the GPU)")
+    if kind == "linear" and strategy == "implicit-gemm":
+        pytest.skip("implicit-gemm is a Conv3d strategy")
+    if kind == "conv":
+        layer = TenVOOConv3d.from_conv(nn.Conv3d(6, 8, 3, padding=1), 2, "L")
+        x = torch.randn(1, 6, 3, 3, 2)
+    else:
+        layer = QuanTALinear.from_linear(nn.Linear(8, 8), 2)
+        x = torch.randn(3, 8)
+    train_a_little(layer)
+    layer.bias.requires_grad_(False)
+    with use_backend(name), use_strategy(strategy):
+        layer(x).sum().backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in layer.cores)

@@ -81,21 +81,22 @@ def conv_configurations():
 
 
 def factored_configurations():
-    """(name, kernel, signature, constexprs) of the fused factorised conv's maps: every dtype
-    of the big tensor with a frozen copy (the projection and outer product at the largest rank
-    tile), fp32 at the smallest rank tile, and fp32 without a frozen copy."""
+    """(name, kernel, signature, constexprs) of the fused factorised conv's maps: the
+    projection and outer product in every dtype with a frozen copy at each rank tile the
+    launchers use (16, 64 and the largest, with their voxel tiles), the expansion in every
+    dtype, and fp32 without a frozen copy."""
     from .triton_kernels import factored_conv as k
-    blocks = dict(BLOCK_M=k.BLOCK_M, BLOCK_C=k.BLOCK_C, BLOCK_N=k.BLOCK_N, BLOCK_V=k.BLOCK_V)
     pointers = {"A", "Mat", "Mat0", "Z", "Z0", "Y", "out"}
-    cases = [(k.project_kernel, dt, True, k.MAX_BLOCK_R) for dt in DTYPES]
-    cases += [(k.outer_kernel, dt, True, k.MAX_BLOCK_R) for dt in DTYPES]
-    cases += [(k.expand_kernel, dt, True, k.BLOCK_R) for dt in DTYPES]
-    cases += [(k.project_kernel, "fp32", True, 16), (k.outer_kernel, "fp32", True, 16),
-              (k.project_kernel, "fp32", False, 64), (k.expand_kernel, "fp32", False, k.BLOCK_R)]
-    for fn, dt, frozen, block_r in cases:
-        consts = dict(HAS_FROZEN=frozen, BLOCK_R=block_r, **blocks)
+    cases = [(fn, dt, True, r) for fn in (k.project_kernel, k.outer_kernel) for dt in DTYPES
+             for r in (16, 64, k.MAX_BLOCK_R)]
+    cases += [(k.expand_kernel, dt, True, None) for dt in DTYPES]
+    cases += [(k.project_kernel, "fp32", False, 64), (k.expand_kernel, "fp32", False, None)]
+    for fn, dt, frozen, rank in cases:
+        tiles = k.rank_tiles(rank) if rank else dict(BLOCK_R=k.BLOCK_R, BLOCK_M=k.BLOCK_M)
+        consts = dict(dict(BLOCK_M=k.BLOCK_M, BLOCK_C=k.BLOCK_C, BLOCK_N=k.BLOCK_N,
+                           BLOCK_V=k.BLOCK_V), HAS_FROZEN=frozen, **tiles)
         sig, used = _signature(fn, consts, pointers, dict(A=dt, Y=dt, scale="fp32"))
-        tag = f"{dt}{',frozen' if 'HAS_FROZEN' in used and frozen else ''},rank tile {block_r}"
+        tag = f"{dt}{',frozen' if 'HAS_FROZEN' in used and frozen else ''},rank tile {used['BLOCK_R']}"
         yield f"{fn.__name__}[{tag}]", fn, sig, used
 
 
@@ -117,13 +118,33 @@ def _signature(fn, consts, pointers, types):
 
 
 def compile_one(fn, signature, constexprs, arch: int):
+    """Compile ``fn`` for sm_``arch`` with the launch options of its module's launchers."""
+    import importlib
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from .triton_kernels.last_step import NUM_WARPS
+    warps = importlib.import_module(fn.fn.__module__).NUM_WARPS
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=NUM_WARPS, enable_fp_fusion=False))
+                          options=dict(num_warps=warps, enable_fp_fusion=False))
+
+
+def resource_usage(compiled) -> str:
+    """Registers and stack (spills) per thread of a compiled kernel, from cuobjdump (Triton's
+    bundled one, or one on PATH); empty if there is none."""
+    import re
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = str(tool) if tool.exists() else shutil.which("cuobjdump")
+    if tool is None or "cubin" not in compiled.asm:
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", out, re.S)
+    return f"{m.group(1)} regs, {m.group(2)} B stack" if m else ""
 
 
 def nvcc() -> str | None:
@@ -211,9 +232,9 @@ def run(archs: list[int]) -> int:
         for arch in archs:
             try:
                 compiled = compile_one(fn, sig, consts, arch)
-                regs = compiled.n_regs if hasattr(compiled, "n_regs") else None
-                extra = f" ({compiled.metadata.shared} B shared)" if regs is None else ""
-                print(f"ok      sm_{arch}  {name}{extra}", flush=True)
+                usage = ", ".join(filter(None, (f"{compiled.metadata.shared} B shared",
+                                                resource_usage(compiled))))
+                print(f"ok      sm_{arch}  {name} ({usage})", flush=True)
             except Exception as e:  # report every failure, then exit non-zero
                 failures += 1
                 msg = str(e).strip().splitlines()

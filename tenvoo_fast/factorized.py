@@ -144,7 +144,8 @@ def _conv_args(conv):
 
 
 def _setup(cores, frozen, equation, letters, base):
-    """(plan, partition, reduced cores, θ's maps and block states, θ0's maps or Nones)."""
+    """(plan, partition, reduced cores, θ's maps and block states, θ0's maps or Nones; θ0's
+    are not contracted when ``frozen`` is empty)."""
     p, _, reduced = reduced_cores(cores, equation)
     part = partition(p.equation, tuple(tuple(c.shape) for c in reduced), *letters.split(","))
     cout, cin, *kernel_shape = base.shape
@@ -177,7 +178,9 @@ def _recompute_autograd(op, backward_op):
 
     @backward_op.register_fake
     def _(grad_out, x, base, cores, frozen, bias, need_x, need_bias, *args):
-        return ([torch.empty_like(x) if need_x else x.new_empty(0),
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                             memory_format=memory_format(x))
+        return ([grad_x if need_x else x.new_empty(0),
                  torch.empty_like(bias) if need_bias else x.new_empty(0)]
                 + [torch.empty_like(c) for c in cores])
 
@@ -192,17 +195,18 @@ def factored_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[T
     module docstring); ``letters`` = "out,in,kernel" letters (e.g. ``"ABC,abc,xyz"``), ``conv`` =
     stride + padding + dilation (9 ints); ``frozen`` empty: no frozen copy; ``kernel`` runs the
     activation-sized maps (:func:`activation_maps.maps`)."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad(), ieee_fp32():
-        p, part, reduced, (u, k, v), _, (u0, k0, v0) = _setup(cores, frozen, equation, letters,
-                                                                base)
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        *_, (u, k, v), _, (u0, k0, v0) = _setup(cores, frozen, equation, letters, base)
         run = activation_maps.maps(kernel)
         stride, padding, dilation = _conv_args(conv)
         layout = memory_format(x)
+        # The base conv under the caller's settings (as the frozen layer would run it).
         y = F.conv3d(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype), stride,
                      padding, dilation)
         z1, z1_0 = run.project(x, u, u0, memory_format=layout)
-        z2 = F.conv3d(z1, k, None, stride, padding, dilation)
-        z2_0 = F.conv3d(z1_0, k0, None, stride, padding, dilation) if frozen else None
+        with ieee_fp32():
+            z2 = F.conv3d(z1, k, None, stride, padding, dilation)
+            z2_0 = F.conv3d(z1_0, k0, None, stride, padding, dilation) if frozen else None
         return run.add_expanded(y, z2, v, z2_0, v0, scale).contiguous(memory_format=layout)
 
 
@@ -223,23 +227,25 @@ def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
     z2 = conv(z1, K) from the saved input. The blocks' gradients (dV = g ⊗ z2, dK from the
     small conv's weight gradient, dU = x ⊗ dz1) give every core's by each block's reverse
     sweep; the input gradient is the base conv's plus Uᵀ·dz1 (minus θ0's), added in place."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad(), ieee_fp32():
-        p, part, reduced, (u, k, v), states, (u0, k0, v0) = _setup(cores, frozen, equation,
-                                                                    letters, base)
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        frozen_x = bool(frozen) and need_x
+        p, part, reduced, (u, k, v), states, (u0, k0, v0) = _setup(
+            cores, frozen if frozen_x else [], equation, letters, base)
         run = activation_maps.maps(kernel)
         stride, padding, dilation = _conv_args(conv)
         layout = memory_format(x)
         g = grad_out.to(x.dtype)
         z1 = run.project(x, u, memory_format=layout)[0]
-        z2 = F.conv3d(z1, k, None, stride, padding, dilation)
-        frozen_x = bool(frozen) and need_x
+        with ieee_fp32():
+            z2 = F.conv3d(z1, k, None, stride, padding, dilation)
         gz2, gz2_0 = run.project(g, v.t(), v0.t() if frozen_x else None, scale,
                                  memory_format=layout)
 
         def small_conv_backward(grad, weight, need_weight):
-            return torch.ops.aten.convolution_backward(
-                grad, z1, weight, None, stride, padding, dilation, False, [0, 0, 0], 1,
-                [True, need_weight, False])
+            with ieee_fp32():
+                return torch.ops.aten.convolution_backward(
+                    grad, z1, weight, None, stride, padding, dilation, False, [0, 0, 0], 1,
+                    [True, need_weight, False])
 
         gz1, gk, _ = small_conv_backward(gz2, k, True)
         block_grads = [

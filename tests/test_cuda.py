@@ -140,3 +140,18 @@ def test_bf16_autocast_on_cuda_identical_to_base_at_init(variant, backend, strat
           torch.autocast("cuda", dtype=torch.bfloat16)):
         y, y_base = layer(x), conv(x)
     assert torch.equal(y, y_base)
+
+
+@pytest.mark.parametrize("strategy", ["merged", "factorized"])
+@pytest.mark.parametrize("backend", ["recompute", "triton"])
+def test_fp32_identical_to_base_at_init_under_the_callers_tf32(strategy, backend):
+    """With cuDNN's TF32 allowed (PyTorch's default; the suite turns it off), the adapted
+    layer's base conv runs as the frozen conv would: identical at init. Only the adapter's own
+    rank-sized convs are forced to IEEE fp32."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(64, 32, 3, padding=1, device="cuda")
+    layer = TenVOOConv3d.from_conv(conv, 4, "L")
+    x = torch.randn(1, 64, 8, 8, 6, device="cuda")
+    with (torch.backends.cudnn.flags(enabled=True, allow_tf32=True), use_backend(backend),
+          use_strategy(strategy)):
+        assert torch.equal(layer(x), conv(x))

@@ -124,11 +124,19 @@ def test_opcheck_and_compile(seeded):
 def test_opcheck_with_the_triton_maps(seeded):
     layer = train_a_little(TenVOOConv3d.from_conv(nn.Conv3d(6, 8, 3, padding=1), 2, "L"))
     x = torch.randn(2, 6, 3, 2, 3, requires_grad=True)
-    for inp in (x, x.detach().to(memory_format=torch.channels_last_3d).requires_grad_()):
-        args = (inp, layer.weight, list(layer.cores), list(layer.frozen_cores), layer.bias,
-                layer.network.equation, ",".join(network_letters(layer.network)),
-                layer.network.scale, [1, 1, 1, 1, 1, 1, 1, 1, 1], "triton")
-        torch.library.opcheck(torch.ops.tenvoo_fast.factored_conv3d.default, args)
+    permuted = x.detach().transpose(2, 4).contiguous().transpose(2, 4)  # dense, not a format
+    for inp in (x, x.detach().to(memory_format=torch.channels_last_3d), permuted):
+        inp = inp.detach().requires_grad_()
+        common = (layer.network.equation, ",".join(network_letters(layer.network)),
+                  layer.network.scale, [1, 1, 1, 1, 1, 1, 1, 1, 1], "triton")
+        torch.library.opcheck(torch.ops.tenvoo_fast.factored_conv3d.default,
+                              (inp, layer.weight, list(layer.cores), list(layer.frozen_cores),
+                               layer.bias, *common))
+        g = torch.randn(2, 8, 3, 2, 3)
+        torch.library.opcheck(torch.ops.tenvoo_fast.factored_conv3d_backward.default,
+                              (g, inp.detach(), layer.weight.detach(),
+                               [c.detach() for c in layer.cores], list(layer.frozen_cores),
+                               layer.bias.detach(), True, True, *common))
 
 
 def test_channels_last_in_channels_last_out(seeded, factorized):
@@ -207,6 +215,8 @@ def test_triton_maps_equal_the_torch_maps(layout, rank, dtype, seeded):
     got = tri.add_expanded(y.clone(), z, up, z0, up0, 0.25)
     want = ref.add_expanded(y.clone().float(), z, up, z0, up0, 0.25).to(dtype)
     assert rel_err(got, want) < TOL[dtype]
+    z0_other = z0.transpose(2, 4).contiguous().transpose(2, 4)  # θ0's map in another layout
+    assert torch.equal(tri.add_expanded(y.clone(), z, up, z0_other, up0, 0.25), got)
     assert torch.equal(tri.add_expanded(y.clone(), z, up, z, up, 0.25), y)
     for splits in (None, 3):  # one split, or several (capped at the 2 voxel chunks here)
         assert rel_err(tri.outer(a, z, 2.0, splits), ref.outer(a, z, 2.0)) < 1e-6

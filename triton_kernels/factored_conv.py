@@ -28,17 +28,21 @@ from .implicit_conv import _split, _voxel
 #: Tiles: voxels (M), big-tensor channels reduced over (C) or written (N), the voxel chunk of
 #: the outer product's reduction (V) and the rank chunk of the expansion's loop (R). The
 #: projection's and outer product's rank tile is the rank rounded up to a power of two between
-#: 16 (the dot's minimum) and :data:`MAX_BLOCK_R`, so that they read their big tensor once
-#: (:func:`rank_block`). One configuration (the interpreter cannot autotune; check-kernels
-#: compiles each for sm_80/sm_90).
-BLOCK_M, BLOCK_C, BLOCK_N, BLOCK_V, BLOCK_R = 64, 32, 64, 64, 32
+#: 16 (the dot's minimum) and :data:`MAX_BLOCK_R`, so that up to that rank they read their big
+#: tensor once (:func:`rank_tiles`). Sized so that no kernel spills registers at 8 warps on
+#: sm_90 (cuobjdump's resource usage; ``check-kernels`` prints it). One configuration per rank
+#: tile (the interpreter cannot autotune; check-kernels compiles each for sm_80/sm_90).
+BLOCK_M, BLOCK_C, BLOCK_N, BLOCK_V, BLOCK_R = 64, 16, 64, 64, 32
 MAX_BLOCK_R = 128
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
-def rank_block(rank: int) -> int:
-    """The rank tile for ``rank`` channels: a power of two in [16, MAX_BLOCK_R]."""
-    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+def rank_tiles(rank: int) -> dict:
+    """Tiles of the projection and outer product for ``rank`` channels: the rank tile, and
+    voxel tiles halved at the largest rank tile (two fp32 accumulators of 64x128 spill)."""
+    block_r = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+    voxels = BLOCK_M if block_r <= 64 else BLOCK_M // 2
+    return dict(BLOCK_R=block_r, BLOCK_M=voxels, BLOCK_V=voxels)
 
 
 @triton.jit
@@ -104,7 +108,7 @@ def _expand(Z, Mat, rm, mask_m, rn, mask_n, N, R, S1, S2, S3, szn, szc, sz1, sz2
 @triton.jit
 def expand_kernel(
         Z, Z0, Mat, Mat0, Y, scale, NV, N, R, S1, S2, S3,
-        szn, szc, sz1, sz2, sz3, syn, syc, sy1, sy2, sy3,
+        szn, szc, sz1, sz2, sz3, s0n, s0c, s01, s02, s03, syn, syc, sy1, sy2, sy3,
         HAS_FROZEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr):
     """Y[v, n] = Y[v, n] + scale·(sum_r Z[v, r]·Mat[n, r] - sum_r Z0[v, r]·Mat0[n, r]), in
@@ -117,8 +121,8 @@ def expand_kernel(
     delta = _expand(Z, Mat, rm, mask_m, rn, mask_n, N, R, S1, S2, S3, szn, szc, sz1, sz2, sz3,
                     BLOCK_M, BLOCK_N, BLOCK_R)
     if HAS_FROZEN:
-        delta = delta - _expand(Z0, Mat0, rm, mask_m, rn, mask_n, N, R, S1, S2, S3, szn, szc,
-                                sz1, sz2, sz3, BLOCK_M, BLOCK_N, BLOCK_R)
+        delta = delta - _expand(Z0, Mat0, rm, mask_m, rn, mask_n, N, R, S1, S2, S3, s0n, s0c,
+                                s01, s02, s03, BLOCK_M, BLOCK_N, BLOCK_R)
     n, i1, i2, i3 = _split(rm, S1, S2, S3)
     y_off = _voxel(n, i1, i2, i3, syn, sy1, sy2, sy3)[:, None] + rn[None, :].to(tl.int64) * syc
     mask = mask_m[:, None] & mask_n[None, :]

@@ -7,7 +7,22 @@ from __future__ import annotations
 import torch
 
 from . import factored_conv as k
-from .launch_conv import _cdiv, _launch
+from .launch_conv import _cdiv
+
+
+def _launch(kernel, grid, *args, **consts):
+    # No FMA contraction: θ's and θ0's terms must cancel exactly when θ = θ0.
+    kernel[grid](*args, **consts, num_warps=k.NUM_WARPS, enable_fp_fusion=False)
+
+
+def _check(big, *mats):
+    """The kernels index voxels with int32 and multiply fp32 maps: say so instead of
+    computing garbage."""
+    if big.shape[0] * big.shape[2:].numel() >= 2**31:
+        raise ValueError(f"{tuple(big.shape)}: 2^31 voxels or more (batch x D x H x W); split the "
+                         "batch")
+    if any(m is not None and m.dtype != torch.float32 for m in mats):
+        raise TypeError("the fused factorized kernels take fp32 maps")
 
 
 def _dims(t):
@@ -19,18 +34,20 @@ def project(a, mat, mat0=None, scale: float = 1.0, memory_format=torch.contiguou
     """``(Z, Z0)``: ``Z[n, r, ...] = scale·sum_c a[n, c, ...]·mat[r, c]`` in fp32 (and Z0 with
     ``mat0``, else None); one read of ``a``."""
     rank, chans = mat.shape
+    _check(a, mat, mat0)
     shape = (a.shape[0], rank, *a.shape[2:])
     z = torch.empty(shape, dtype=torch.float32, device=a.device, memory_format=memory_format)
     z0 = torch.empty_like(z) if mat0 is not None else None
     (nv, *spatial), sa = _dims(a)
     if nv == 0:
         return z, z0
-    block_r = k.rank_block(rank)
-    grid = (_cdiv(nv, k.BLOCK_M), _cdiv(rank, block_r))
+    tiles = k.rank_tiles(rank)
+    grid = (_cdiv(nv, tiles["BLOCK_M"]), _cdiv(rank, tiles["BLOCK_R"]))
     _launch(k.project_kernel, grid, a, mat.contiguous(),
             (mat0 if mat0 is not None else mat).contiguous(), z, z0 if z0 is not None else z,
             float(scale), nv, chans, rank, *spatial, *sa, *z.stride(),
-            HAS_FROZEN=mat0 is not None, BLOCK_M=k.BLOCK_M, BLOCK_C=k.BLOCK_C, BLOCK_R=block_r)
+            HAS_FROZEN=mat0 is not None, BLOCK_M=tiles["BLOCK_M"], BLOCK_C=k.BLOCK_C,
+            BLOCK_R=tiles["BLOCK_R"])
     return z, z0
 
 
@@ -38,6 +55,7 @@ def add_expanded(y, z, mat, z0=None, mat0=None, scale: float = 1.0):
     """``y + scale·(z·matᵀ - z0·mat0ᵀ)`` per voxel, in fp32, rounded once to y's dtype and
     written into y's storage (``mat``: (channels of y, rank)); returns y."""
     chans, rank = mat.shape
+    _check(y, mat, mat0)
     (nv, *spatial), sy = _dims(y)
     if nv == 0:
         return y
@@ -45,7 +63,7 @@ def add_expanded(y, z, mat, z0=None, mat0=None, scale: float = 1.0):
     grid = (_cdiv(nv, k.BLOCK_M), _cdiv(chans, k.BLOCK_N))
     _launch(k.expand_kernel, grid, z, z0 if frozen else z, mat.contiguous(),
             (mat0 if frozen else mat).contiguous(), y, float(scale), nv, chans, rank, *spatial,
-            *z.stride(), *sy, HAS_FROZEN=frozen, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N,
+            *z.stride(), *(z0 if frozen else z).stride(), *sy, HAS_FROZEN=frozen, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N,
             BLOCK_R=k.BLOCK_R)
     return y
 
@@ -55,19 +73,21 @@ def outer(a, z, scale: float = 1.0, splits: int | None = None):
     voxel sum is split (``splits``, default: enough programs to fill a GPU, one on the CPU) and
     the splits' partials are added in a fixed order (deterministic)."""
     chans, rank = a.shape[1], z.shape[1]
+    _check(a, z)
     (nv, *spatial), sa = _dims(a)
     if nv == 0:
         return torch.zeros(chans, rank, dtype=torch.float32, device=a.device)
-    block_r = k.rank_block(rank)
-    tiles = _cdiv(chans, k.BLOCK_C) * _cdiv(rank, block_r)
-    chunks = _cdiv(nv, k.BLOCK_V)
+    tiles = k.rank_tiles(rank)
+    block_r, block_v = tiles["BLOCK_R"], tiles["BLOCK_V"]
+    programs = _cdiv(chans, k.BLOCK_C) * _cdiv(rank, block_r)
+    chunks = _cdiv(nv, block_v)
     if splits is None and a.device.type == "cuda":
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-        splits = max(1, min(chunks, _cdiv(4 * sms, tiles)))
-    per_split = _cdiv(chunks, max(1, min(splits or 1, chunks))) * k.BLOCK_V
+        splits = max(1, min(chunks, _cdiv(4 * sms, programs)))
+    per_split = _cdiv(chunks, max(1, min(splits or 1, chunks))) * block_v
     splits = _cdiv(nv, per_split)
     out = torch.empty(splits, chans, rank, dtype=torch.float32, device=a.device)
     grid = (_cdiv(chans, k.BLOCK_C), _cdiv(rank, block_r), splits)
     _launch(k.outer_kernel, grid, a, z, out, float(scale), per_split, nv, chans, rank, *spatial,
-            *sa, *z.stride(), BLOCK_C=k.BLOCK_C, BLOCK_R=block_r, BLOCK_V=k.BLOCK_V)
+            *sa, *z.stride(), BLOCK_C=k.BLOCK_C, BLOCK_R=block_r, BLOCK_V=block_v)
     return out.sum(0)

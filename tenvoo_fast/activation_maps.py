@@ -26,6 +26,12 @@ def maps(kernel: str):
     return sys.modules[__name__]
 
 
+def operand(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A big tensor as these maps take it: converted once to the contraction dtype (a caller
+    that uses it twice converts it once; the Triton launchers take it as it is)."""
+    return t.to(dtype)
+
+
 def _pointwise(t: Tensor, mat: Tensor) -> Tensor:
     """sum_c t[n, c, ...]·mat[r, c], as a 1x1x1 convolution."""
     return F.conv3d(t, mat.reshape(*mat.shape, 1, 1, 1))

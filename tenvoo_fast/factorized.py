@@ -47,7 +47,7 @@ from torch import Tensor
 
 from . import activation_maps, environment, simplify
 from .networks import QUANTA_ACTIVATION_EQUATION
-from .ops import conv_output_spatial, memory_format, reduced_cores, stored_grads
+from .ops import conv_output_like, memory_format, reduced_cores, stored_grads
 from .reference import contraction_dtype, ieee_fp32
 
 
@@ -212,10 +212,7 @@ def factored_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[T
 
 @factored_conv3d.register_fake
 def _(x, base, cores, frozen, bias, equation, letters, scale, conv, kernel):
-    stride, padding, dilation = _conv_args(conv)
-    spatial = conv_output_spatial(x.shape[2:], base.shape[2:], stride, padding, dilation)
-    return torch.empty((x.shape[0], base.shape[0], *spatial), dtype=x.dtype, device=x.device,
-                       memory_format=memory_format(x))
+    return conv_output_like(x, base, conv)
 
 
 @torch.library.custom_op("tenvoo_fast::factored_conv3d_backward", mutates_args=())
@@ -235,10 +232,12 @@ def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
         stride, padding, dilation = _conv_args(conv)
         layout = memory_format(x)
         g = grad_out.to(x.dtype)
-        z1 = run.project(x, u, memory_format=layout)[0]
+        # x and dy each feed a projection and an outer product: converted once (torch maps).
+        xa, ga = run.operand(x, u.dtype), run.operand(g, u.dtype)
+        z1 = run.project(xa, u, memory_format=layout)[0]
         with ieee_fp32():
             z2 = F.conv3d(z1, k, None, stride, padding, dilation)
-        gz2, gz2_0 = run.project(g, v.t(), v0.t() if frozen_x else None, scale,
+        gz2, gz2_0 = run.project(ga, v.t(), v0.t() if frozen_x else None, scale,
                                  memory_format=layout)
 
         def small_conv_backward(grad, weight, need_weight):
@@ -249,9 +248,9 @@ def factored_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
 
         gz1, gk, _ = small_conv_backward(gz2, k, True)
         block_grads = [
-            run.outer(x, gz1).reshape(states[0][2].shape),
+            run.outer(xa, gz1).reshape(states[0][2].shape),
             gk.reshape(part.rank_v, part.rank_u, -1).permute(1, 2, 0).reshape(states[1][2].shape),
-            run.outer(g, z2, scale).reshape(states[2][2].shape)]
+            run.outer(ga, z2, scale).reshape(states[2][2].shape)]
         grads = [None] * len(reduced)
         for (eq, idx), st, gb in zip(((part.u_equation, part.u_cores),
                                       (part.k_equation, part.k_cores),

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from . import environment, last_step
 from .factorized import _recompute_autograd
-from .ops import conv_output_spatial, memory_format, reduced_cores, stored_grads
+from .ops import (conv_output_like, conv_output_spatial, memory_format, reduced_cores,
+                  stored_grads)
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,7 @@ def implicit_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[T
 
 @implicit_conv3d.register_fake
 def _(x, base, cores, frozen, bias, equation, letters, scale, conv):
-    spatial = conv_output_spatial(x.shape[2:], base.shape[2:], conv[0:3], conv[3:6], conv[6:9])
-    return torch.empty((x.shape[0], base.shape[0], *spatial), dtype=x.dtype, device=x.device,
-                       memory_format=memory_format(x))
+    return conv_output_like(x, base, conv)
 
 
 @torch.library.custom_op("tenvoo_fast::implicit_conv3d_backward", mutates_args=())

@@ -50,6 +50,14 @@ def memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv_output_like(x: Tensor, base: Tensor, conv) -> Tensor:
+    """An empty Conv3d output for input ``x`` and weight ``base`` (``conv`` = stride + padding +
+    dilation), in x's dtype and :func:`memory_format`: the strategy ops' fake kernels."""
+    spatial = conv_output_spatial(x.shape[2:], base.shape[2:], conv[0:3], conv[3:6], conv[6:9])
+    return torch.empty((x.shape[0], base.shape[0], *spatial), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(x))
+
+
 def stored_grads(p, grads, cores) -> list[Tensor]:
     """Gradients of the reduced cores -> gradients of the stored cores (contiguous, core dtype)."""
     return [simplify.expand_grad(p, i, g, tuple(c.shape)).to(c.dtype).contiguous()

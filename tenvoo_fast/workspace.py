@@ -38,7 +38,10 @@ def scratch(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch
     pool = _pool()
     buf = pool.get((slot, dtype))
     if buf is None or buf.numel() < n:
-        buf = pool[(slot, dtype)] = torch.empty(n, dtype=dtype)
+        # Never an inference tensor (a first use under torch.inference_mode would make one):
+        # training ops outside inference mode could not write into it.
+        with torch.inference_mode(False):
+            buf = pool[(slot, dtype)] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 
 

@@ -107,7 +107,9 @@ class AdapterLayer:
             return backend.delta_weight(self.network, [t.to(dtype) for t in frozen])
         key = (backend.name, dtype) + tuple((t.data_ptr(), t._version, t.device) for t in frozen)
         if self._frozen_delta_key != key:
-            with torch.no_grad():
+            # Outside inference mode even when called inside it: a cached inference tensor
+            # could not be saved for backward (or updated) by later training forwards.
+            with torch.inference_mode(False), torch.no_grad():
                 self._frozen_delta = backend.delta_weight(
                     self.network, [t.to(dtype) for t in frozen])
             self._frozen_delta_key = key

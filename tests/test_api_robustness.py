@@ -43,3 +43,66 @@ def test_inference_mode_forward_does_not_break_training(kind, backend, strategy,
         for layer in layers:
             _train(layer, x)
     assert y_inf.is_inference()
+
+
+# -- 2. cores stay fp32 master weights under model.to(dtype) ---------------------------------------
+def _small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.GroupNorm(2, 8),
+                         nn.Conv3d(8, 8, 3, padding=1), nn.Flatten(1), nn.Linear(8 * 27, 8))
+
+
+def _small_config():
+    return tf.AdapterConfig("tenvoo-l", 2, [r"^0$", r"^2$", r"^4$"], trainable=("bias", "norm"))
+
+
+def _adam_step(model, x):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-5)
+    model(x).float().square().sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + FAST)
+def test_model_to_bf16_keeps_cores_fp32(backend):
+    """inject, then model.to(bf16): the cores and frozen copies stay fp32 (the same Parameter
+    objects), the base layers become bf16, the untrained model equals the bf16 base model, and
+    an Adam step at lr 5e-5 moves the cores exactly as for a layer built on a bf16 base (whose
+    cores are fp32 from the start); in bf16 such a step would round away."""
+    base = _small_model().to(torch.bfloat16)
+    model = _small_model()
+    torch.manual_seed(1)
+    tf.inject(model, _small_config())
+    cores = {n: list(m.cores) for n, m in tf.adapter_layers(model).items()}
+    model.to(torch.bfloat16)
+    reference = _small_model().to(torch.bfloat16)
+    torch.manual_seed(1)
+    tf.inject(reference, _small_config())
+    for name, layer in tf.adapter_layers(model).items():
+        assert [id(p) for p in layer.cores] == [id(p) for p in cores[name]]
+        assert all(p.dtype == torch.float32 for p in layer.cores)
+        assert all(t.dtype == torch.float32 for t in layer.frozen_cores)
+        assert layer.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 8, 3, 3, 3, dtype=torch.bfloat16)
+    with tf.use_backend(backend):
+        assert torch.equal(model(x), base(x))
+        before = [p.detach().clone() for p in model[0].cores]
+        _adam_step(model, x)
+        _adam_step(reference, x)
+    for p, q, b in zip(model[0].cores, reference[0].cores, before):
+        assert p.dtype == torch.float32 and torch.equal(p, q)
+        assert 0 < (p - b).abs().max() < 1e-4   # an fp32-sized step of ~lr
+
+
+def test_model_double_and_back_follows_master_rule():
+    """.double() makes fp64 cores (as injecting into an fp64 model does); .float() fp32 again;
+    .half() keeps them fp32; .to(device) still moves them."""
+    model = tf.inject(_small_model(), _small_config())
+    layer = model[0]
+    model.double()
+    assert layer.cores[0].dtype == torch.float64 and layer.frozen_cores[0].dtype == torch.float64
+    model.float()
+    assert layer.cores[0].dtype == torch.float32
+    model.half()
+    assert layer.cores[0].dtype == torch.float32 and layer.weight.dtype == torch.float16
+    model.to("meta")
+    assert layer.cores[0].device.type == "meta" and layer.frozen_cores[0].device.type == "meta"

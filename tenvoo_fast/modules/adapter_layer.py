@@ -46,6 +46,24 @@ def init_core(core, shape, device, dtype) -> torch.Tensor:
     raise AssertionError(core.init)  # pragma: no cover
 
 
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype cores and frozen copies keep for a layer of ``dtype``: fp64 for fp64, else fp32
+    (never the bf16/fp16 of a low-precision model, whose rounding would swamp small updates)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _keeping_master(fn):
+    """``fn`` (a ``Module._apply`` conversion) for cores and frozen copies: where it would cast
+    them below fp32, the original tensor is moved as ``fn`` moves it but stays fp32 instead
+    (cast from the original, so no precision is lost on the way)."""
+    def convert(t):
+        out = fn(t)
+        if out.is_floating_point() and out.element_size() < 4 and t.element_size() >= 4:
+            return t.to(device=out.device, dtype=torch.float32)
+        return out
+    return convert
+
+
 def plain_tensor(x: torch.Tensor) -> torch.Tensor:
     """MONAI ``MetaTensor`` -> plain tensor (its metadata is irrelevant to a conv/linear)."""
     as_tensor = getattr(x, "as_tensor", None)
@@ -75,15 +93,29 @@ class AdapterLayer:
         if not w.is_floating_point():
             raise AdapterError(f"{name}: base weight has dtype {w.dtype}; adapters need a "
                                "floating-point layer")
-        # Cores are master weights: fp32, or fp64 for an fp64 layer; never the bf16/fp16 of a
-        # low-precision model, whose rounding would swamp the small updates.
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        # Cores are master weights: fp32, or fp64 for an fp64 layer (see _apply for .to()).
+        dtype = master_dtype(w.dtype)
         tensors = [init_core(c, c.shape, w.device, dtype) for c in network.cores]
         self.cores = nn.ParameterList([nn.Parameter(t) for t in tensors])
         self.frozen_cores = BufferList([t.detach().clone() for t in tensors]) if frozen_copy else None
         self._frozen_delta = None
         self._frozen_delta_key = None
         w.requires_grad_(False)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.bfloat16()``, ``to_empty()``...: the base weight and bias
+        follow ``fn``; the cores (and their gradients) and frozen copies move with it but stay
+        master weights, fp32 (fp64 under ``.double()``), never bf16/fp16. The cores keep their
+        Parameter objects (as torch does, unless its overwrite-on-conversion flag is set), so
+        optimisers that hold them keep working."""
+        if recurse:
+            masters = [m for m in (self.cores, self.frozen_cores) if m is not None]
+            for module in self.children():
+                if any(module is m for m in masters):
+                    module._apply(_keeping_master(fn))
+                else:
+                    module._apply(fn)
+        return super()._apply(fn, recurse=False)
 
     # -- the math -----------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 The top-level ``triton_kernels/`` directory is installed as the subpackage
 ``tenvoo_fast.triton_kernels`` (a top-level ``triton_kernels`` would clash with an unrelated PyPI
-package). Native extensions from ``csrc/`` are added by the native-kernels issue; until then
-the package is pure Python. torch is a runtime dependency and deliberately not a build
+package). The native kernels in ``csrc/`` are built where they can be:
+``TENVOO_FAST_BUILD_CPU`` and ``TENVOO_FAST_BUILD_CUDA`` (``auto``, ``0`` or ``1``) skip or force
+each extension (csrc/README.md). torch is a runtime dependency and deliberately not a build
 dependency, so that installing never pulls a second (CUDA) build of torch: install the torch you
 want first (a CPU build: ``pip install torch==2.13.0`` on the project machines), then
 ``pip install --no-build-isolation -e .[test]``.
@@ -114,8 +115,11 @@ setup(
         "matplotlib",  # profile and sample plots
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
-        "triton": ["triton>=3.0"],
+        # Everything the suite runs: triton (the interpreter and ahead-of-time checks of the GPU
+        # kernels), scipy (MONAI's FID), and the peers the adapters are checked against.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "scipy",
+                 "peft", "lycoris-lora"],
+        "triton": ["triton>=3.2"],
         "peers": ["peft", "lycoris-lora"],
     },
     entry_points={"console_scripts": ["tenvoo-fast=tenvoo_fast.cli:main"]},

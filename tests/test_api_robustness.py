@@ -106,3 +106,55 @@ def test_model_double_and_back_follows_master_rule():
     assert layer.cores[0].dtype == torch.float32 and layer.weight.dtype == torch.float16
     model.to("meta")
     assert layer.cores[0].device.type == "meta" and layer.frozen_cores[0].device.type == "meta"
+
+
+# -- 3. the meta device: shape-only forward, then to_empty + load -----------------------------------
+@pytest.mark.parametrize("backend", ["auto", "reference"] + FAST)
+def test_meta_model_forward_is_shape_only(backend):
+    """A model built and injected under torch.device("meta") runs forward and backward with the
+    shapes and dtypes of the real model, whichever backend is selected."""
+    from ddpm_shapes import tiny_unet
+    x, t = torch.rand(1, 1, 8, 8, 8), torch.tensor([10])
+    real = tf.inject(tiny_unet(), tf.presets.paper_ddpm("tenvoo-q", 2))
+    with torch.device("meta"):
+        model = tf.inject(tiny_unet(), tf.presets.paper_ddpm("tenvoo-q", 2))
+    with tf.use_backend(backend):
+        y = model(x.to("meta"), t.to("meta"))
+        y.sum().backward()
+    assert y.device.type == "meta" and y.shape == real(x, t).shape and y.dtype == torch.float32
+    layer = next(iter(tf.adapter_layers(model).values()))
+    assert layer.cores[0].grad is not None and layer.cores[0].grad.device.type == "meta"
+    assert layer.merged_weight().shape == layer.weight.shape
+
+
+@pytest.mark.parametrize("inject_on_meta", [True, False])
+def test_meta_to_empty_then_load_equals_normal_model(tmp_path, inject_on_meta):
+    """Build under meta (inject there or not), check shapes with a meta forward, to_empty(cpu),
+    load the base weights and the adapter: the output equals the normally built, trained
+    model's exactly (nothing the meta forward computed survives)."""
+    from ddpm_shapes import tiny_unet
+    x, t = torch.rand(1, 1, 8, 8, 8), torch.tensor([10])
+    base_sd = tiny_unet().state_dict()
+    trained = tf.inject(tiny_unet(), tf.presets.paper_ddpm("tenvoo-l", 2))
+    _train_unet(trained, x, t)
+    tf.save_adapter(trained, tmp_path / "a.safetensors")
+    with torch.device("meta"):
+        model = tiny_unet()
+        if inject_on_meta:
+            tf.inject(model, tf.presets.paper_ddpm("tenvoo-l", 2))
+        assert model(x.to("meta"), t.to("meta")).shape == x.shape
+    model.to_empty(device="cpu")
+    result = model.load_state_dict(base_sd, strict=False)
+    assert not result.unexpected_keys
+    assert all(".cores." in k or ".frozen_cores." in k for k in result.missing_keys)
+    tf.load_adapter(model, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(x, t), trained(x, t))
+
+
+def _train_unet(model, x, t, steps=1):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(x, t).square().mean().backward()
+        opt.step()
+        opt.zero_grad()

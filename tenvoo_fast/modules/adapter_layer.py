@@ -64,6 +64,11 @@ def _keeping_master(fn):
     return convert
 
 
+def _autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled`` that answers False for the meta device (which it refuses)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def plain_tensor(x: torch.Tensor) -> torch.Tensor:
     """MONAI ``MetaTensor`` -> plain tensor (its metadata is irrelevant to a conv/linear)."""
     as_tensor = getattr(x, "as_tensor", None)
@@ -120,7 +125,19 @@ class AdapterLayer:
     # -- the math -----------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """T(θ): the trainable network in the layer weight's layout, fp32 (fp64 for fp64 cores)."""
+        if self.cores[0].device.type == "meta":
+            return self._meta_delta(list(self.cores), reference.contraction_dtype(self.cores))
         return reference.delta_weight(self.network, list(self.cores))
+
+    def _meta_delta(self, tensors, dtype) -> torch.Tensor:
+        """The reference contraction on the meta device (shapes and dtypes only): the same
+        einsum without the reference's autocast guard, which torch refuses for 'meta' (autocast
+        never applies there)."""
+        views = tuple(c.contraction_shape for c in self.network.cores)
+        expr = reference.contraction_expression(self.network.equation, views)
+        out = expr(*[t.to(dtype).reshape(v) for t, v in zip(tensors, views)], backend="torch")
+        out = out.reshape(self.network.weight_shape)
+        return out * self.network.scale if self.network.scale != 1.0 else out
 
     def frozen_delta_weight(self, backend=None) -> Optional[torch.Tensor]:
         """T(θ0) in fp32 (fp64), or None when the layer keeps no frozen copy.
@@ -134,6 +151,9 @@ class AdapterLayer:
         backend = backend or backends.get_backend("reference")
         frozen = list(self.frozen_cores)
         dtype = reference.contraction_dtype([self.weight, *self.cores])
+        if frozen[0].device.type == "meta":   # nothing to cache: no values, no data pointers
+            with torch.no_grad():
+                return self._meta_delta(frozen, dtype)
         if torch.compiler.is_compiling():
             # Built in the graph (a cache keyed on data pointers cannot be traced); always right.
             return backend.delta_weight(self.network, [t.to(dtype) for t in frozen])
@@ -149,6 +169,10 @@ class AdapterLayer:
 
     def effective_weight(self) -> torch.Tensor:
         """``W - T(θ0) + T(θ)`` in fp32 (fp64), differentiable w.r.t. the cores."""
+        if self.weight.device.type == "meta":
+            dtype = reference.contraction_dtype([self.weight, *self.cores])
+            delta, frozen = self._meta_delta(list(self.cores), dtype), self.frozen_delta_weight()
+            return self.weight.to(dtype) + (delta if frozen is None else delta - frozen)
         return reference.effective_weight(self.weight, self.network, list(self.cores),
                                           frozen_delta=self.frozen_delta_weight())
 
@@ -158,7 +182,7 @@ class AdapterLayer:
     # -- execution ----------------------------------------------------------------------------
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the conv/linear runs in: autocast's if active, else the base weight's."""
-        if torch.is_autocast_enabled(x.device.type):
+        if _autocast_on(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return self.weight.dtype
 
@@ -168,7 +192,7 @@ class AdapterLayer:
         if x.device != w.device:
             raise AdapterError(f"{self.adapter_name}: input is on {x.device} but the layer is on "
                                f"{w.device}; move one of them (e.g. model.to({x.device}))")
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype and not _autocast_on(x.device.type):
             raise AdapterError(f"{self.adapter_name}: input dtype {x.dtype} does not match the "
                                f"layer's {w.dtype}; cast the input or the model, or run under "
                                "torch.autocast")
@@ -176,6 +200,12 @@ class AdapterLayer:
 
     def _dispatch_forward(self, x: torch.Tensor, op: str) -> torch.Tensor:
         x = self._check_input(x)
+        if x.device.type == "meta":
+            # Shape-only (a model built under torch.device("meta")): every backend's output
+            # has the reference's shape and dtype, and only the reference's plain torch ops
+            # run on meta tensors, whichever backend is selected.
+            self.execution_backend, self.execution_strategy = "reference", None
+            return getattr(backends.get_backend("reference"), op)(self, x)
         compiling = torch.compiler.is_compiling()
         # A measured decision (tf.autotune.tune), if any; not consulted while compiling.
         choice = None if compiling else autotune.lookup(self, x)

@@ -20,13 +20,20 @@ def backend(request):
         yield request.param
 
 
-@pytest.fixture(params=["reference", "recompute/merged", "recompute/factorized", "cpu/merged"])
+LINEAR_BACKENDS = ["reference", "recompute/merged", "recompute/factorized", "cpu/merged"]
+#: (method, backend) for adapted Linear layers: every backend, and each execution strategy of
+#: the fast one ('factorized' applies QuanTA to the activations; the other methods have no such
+#: form, so those pairs are not generated).
+LINEAR_CASES = [(m, b) for m in LINEAR_MAKERS for b in LINEAR_BACKENDS
+                if not (b.endswith("/factorized") and m != "quanta")]
+linear_cases = pytest.mark.parametrize("method, linear_backend", LINEAR_CASES,
+                                       indirect=["linear_backend"])
+
+
+@pytest.fixture
 def linear_backend(request):
-    """Adapted Linear layers: every backend, and each execution strategy of the fast one
-    ('factorized' applies QuanTA to the activations; the other methods have no such form)."""
+    """Runs the test under the backend (and strategy) named by its parameter."""
     name, _, strategy = request.param.partition("/")
-    if strategy == "factorized" and request.node.callspec.params.get("method") != "quanta":
-        pytest.skip("only QuanTA has a factorized (activation) form")
     with use_backend(name), use_strategy(strategy or "auto"):
         yield request.param
 
@@ -50,14 +57,14 @@ def test_conv_methods_forward_and_grads_all_dtypes(method, dtype, seeded, backen
 
 
 @pytest.mark.parametrize("fin,fout", DDPM_LINEAR_SHAPES)
-@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+@linear_cases
 def test_linear_forward_and_grads_ddpm_shapes(fin, fout, method, seeded, linear_backend):
     lin = nn.Linear(fin, fout)
     layer = train_a_little(LINEAR_MAKERS[method](lin, 4))
     check_against_oracle(layer, torch.randn(3, fin), "linear", TOL[torch.float32])
 
 
-@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+@linear_cases
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_linear_dtypes(method, dtype, seeded, linear_backend):
     layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(24, 12, dtype=dtype), 3))
@@ -85,7 +92,7 @@ def test_conv_identical_to_base_at_init(method, seeded, backend):
     assert torch.equal(layer(x), conv(x))
 
 
-@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+@linear_cases
 def test_linear_identical_to_base_at_init(method, seeded, linear_backend):
     lin = nn.Linear(128, 32)
     layer = LINEAR_MAKERS[method](lin, 4)
@@ -107,7 +114,7 @@ def test_gradcheck_conv_fp64(method, seeded, backend):
     assert torch.autograd.gradcheck(f, (x, *cores), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", list(LINEAR_MAKERS))
+@linear_cases
 def test_gradcheck_linear_fp64(method, seeded, linear_backend):
     layer = train_a_little(LINEAR_MAKERS[method](nn.Linear(8, 6, dtype=torch.float64), 2), 0.3)
     names = [f"cores.{i}" for i in range(len(layer.cores))]
@@ -252,9 +259,11 @@ def test_triton_backend_says_why_it_cannot_run(monkeypatch):
         assert tenvoo_fast.backends.resolve(layer.float(), torch.randn(1, 4, 3, 3, 3)).name != "triton"
 
 
-@pytest.mark.parametrize("path", ["recompute/merged", "recompute/factorized", "cpu/merged",
-                                  "triton/merged", "triton/factorized", "triton/implicit-gemm"])
-@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kind, path", [
+    (kind, path) for kind in ("conv", "linear")
+    for path in ("recompute/merged", "recompute/factorized", "cpu/merged", "triton/merged",
+                 "triton/factorized", "triton/implicit-gemm")
+    if not (kind == "linear" and path.endswith("implicit-gemm"))])  # a Conv3d strategy
 def test_only_the_cores_need_gradients(path, kind, seeded):
     """A frozen bias and an input without grad (the first adapted layer of a model whose biases
     are frozen, the default): each backward op returns two unneeded gradients, which must be
@@ -262,8 +271,6 @@ def test_only_the_cores_need_gradients(path, kind, seeded):
     name, _, strategy = path.partition("/")
     if name == "triton" and torch.cuda.is_available():
         pytest.skip("interpreter check (tests/test_cuda.py covers the GPU)")
-    if kind == "linear" and strategy == "implicit-gemm":
-        pytest.skip("implicit-gemm is a Conv3d strategy")
     if kind == "conv":
         layer = TenVOOConv3d.from_conv(nn.Conv3d(6, 8, 3, padding=1), 2, "L")
         x = torch.randn(1, 6, 3, 3, 2)

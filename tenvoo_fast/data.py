@@ -2,11 +2,17 @@
 files, and the deterministic 90/10 train/validation split (ddpm-finetuning.md, "Data").
 
 Every item is a float32 tensor ``(1, D, H, W)`` with intensities in [0, 1]. A NIfTI folder is
-checked up front (every header is read), so a missing folder, a folder without NIfTI files or an
-unreadable file stops the run before training starts, with a :class:`RunError` naming the path.
+checked up front (every header is read, and every file's data size compared with it), so a
+missing folder, a folder without NIfTI files, an unreadable or truncated file stops the run
+before training starts, with a :class:`RunError` naming the path. A volume whose voxels cannot
+be used (NaN or Inf, damaged data) is refused when it is read, with a :class:`VolumeError`
+naming the file, also from a DataLoader worker process.
 """
 from __future__ import annotations
 
+import math
+import os
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +24,26 @@ from .phantoms import brain_phantom
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 VALIDATION_FRACTION = 0.1
+
+
+class VolumeError(RunError):
+    """A volume file that cannot be used; the message names the file, what is wrong and the fix.
+
+    Raised in a DataLoader worker, it still reaches the user as that one line: torch re-raises
+    a worker's exception in the main process as ``type(error)(text)``, where ``text`` is
+    "Caught VolumeError in DataLoader worker process N. Original Traceback ..." (see
+    ``torch._utils.ExceptionWrapper.reraise``); this class recovers its own message from the
+    traceback's last line, so ``tenvoo-fast`` prints ``error: <message>``, not a traceback.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith(f"Caught {type(self).__name__} ") and "Traceback" in message:
+            marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+            found = [line[len(marker):] for line in message.splitlines()
+                     if line.startswith(marker)]
+            if found:
+                message = found[-1]
+        super().__init__(message)
 
 
 class PhantomVolumes(Dataset):
@@ -50,6 +76,9 @@ def nifti_files(folder: str | Path, flag: str = "--data") -> tuple[list[Path], l
     import nibabel
 
     folder = Path(folder)
+    if folder.is_file():
+        raise RunError(f"{flag} {folder}: is a file, not a folder; pass the folder that holds "
+                       "the NIfTI files")
     if not folder.is_dir():
         raise RunError(f"{flag} {folder}: no such folder")
     entries = sorted(folder.iterdir())
@@ -58,12 +87,71 @@ def nifti_files(folder: str | Path, flag: str = "--data") -> tuple[list[Path], l
         raise RunError(f"{flag} {folder}: no NIfTI files (.nii, .nii.gz) in this folder")
     for path in files:
         try:
-            shape = nibabel.load(path).header.get_data_shape()
+            image = nibabel.load(path)
+            shape = image.header.get_data_shape()
         except Exception as e:
             raise RunError(f"{path}: not a readable NIfTI file ({one_line(e)})") from e
-        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or 0 in shape:
             raise RunError(f"{path}: expected one 3D volume, the header says shape {shape}")
+        _check_data_size(path, image.dataobj)
     return files, [p for p in entries if p not in files]
+
+
+def _check_data_size(path: Path, proxy) -> None:
+    """:class:`RunError` if ``path`` holds fewer bytes than its header's voxels need (a file cut
+    short by an interrupted copy or write: its header reads fine, its data does not).
+    ``proxy`` is nibabel's (unread) data of the image: where the voxels start, shape, dtype.
+
+    A ``.nii`` is checked by its size. A ``.nii.gz`` by the uncompressed size gzip records at
+    its end (modulo 2^32), which costs nothing; only when that differs (a truncated file ends
+    in arbitrary bytes, but multi-member or padded files differ too) is the file decompressed
+    to count its bytes, as far as the voxels need.
+    """
+    try:
+        dtype = proxy.dtype
+        needed = int(proxy.offset) + math.prod(proxy.shape) * dtype.itemsize
+    except AttributeError:  # not nibabel's plain file-backed data: nothing to compare
+        return
+    compressed = path.name.lower().endswith(".gz")
+    if not compressed:
+        size = os.path.getsize(path)
+    else:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            if int.from_bytes(f.read(4), "little") == needed % 2**32:
+                return
+        size = _gunzipped_size(path, needed)
+    if size < needed:
+        shape = "x".join(map(str, proxy.shape))
+        raise RunError(f"{path}: truncated: its header describes {shape} {dtype} voxels "
+                       f"({needed:,} bytes with the header), but it holds only {size:,} bytes"
+                       f"{' once decompressed' if compressed else ''}; copy the file again or "
+                       "remove it")
+
+
+def _gunzipped_size(path: Path, limit: int) -> int:
+    """How many bytes the gzip file ``path`` decompresses to, counting up to where it ends or
+    breaks off (members one after another, as gzip reads them), stopping once past ``limit``;
+    :class:`RunError` if the compressed data is damaged (zlib checks each member's CRC)."""
+    size, member = 0, zlib.decompressobj(16 + zlib.MAX_WBITS)
+    with open(path, "rb") as f:
+        while size < limit:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            while chunk:
+                try:
+                    size += len(member.decompress(chunk))
+                except zlib.error as e:
+                    if size and not chunk.strip(b"\0"):
+                        return size  # zero padding after the last member, as gzip allows
+                    raise RunError(f"{path}: damaged compressed data after {size:,} bytes "
+                                   f"({one_line(e)}); copy the file again or remove it") from e
+                chunk = b""
+                if member.eof:  # the next member, if any, starts in the unused bytes
+                    chunk = member.unused_data
+                    member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    return size
 
 
 class NiftiVolumes(Dataset):
@@ -81,7 +169,8 @@ class NiftiVolumes(Dataset):
                                       Orientation, Resize, ResizeWithPadOrCrop, ScaleIntensity,
                                       Spacing)
         self.files = list(files)
-        steps = [LoadImage(image_only=True, reader="NibabelReader"), EnsureChannelFirst(),
+        self.load = LoadImage(image_only=True, reader="NibabelReader")
+        steps = [EnsureChannelFirst(),
                  # NIfTI's world space is RAS; naming the labels keeps that across MONAI
                  # versions (the default is changing to "from the image's metadata").
                  Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
@@ -97,11 +186,22 @@ class NiftiVolumes(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        """Volume ``index``; :class:`VolumeError` naming the file if it cannot be read or has a
+        NaN or Inf voxel (which intensity scaling would spread to the whole volume)."""
         path = self.files[index]
         try:
-            return self.transform(str(path))
+            image = self.load(str(path))
         except Exception as e:
-            raise RunError(f"{path}: could not be loaded ({one_line(e)})") from e
+            raise VolumeError(f"{path}: could not be loaded ({one_line(e)}); copy the file "
+                              "again or remove it") from e
+        bad = int((~torch.isfinite(torch.as_tensor(image))).sum())
+        if bad:
+            raise VolumeError(f"{path}: {bad} non-finite voxel(s) (NaN or Inf); fix or remove "
+                              "this file")
+        try:
+            return self.transform(image)
+        except Exception as e:
+            raise VolumeError(f"{path}: could not be loaded ({one_line(e)})") from e
 
 
 def split(n: int, seed: int) -> tuple[list[int], list[int]]:

@@ -16,6 +16,9 @@ def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
     ``module.`` prefixes of DataParallel removed), loaded with ``weights_only=True``."""
     path = Path(path)
     where = f"{flag} {path}"
+    if path.is_dir():
+        raise RunError(f"{where}: is a folder; pass the weights file (a torch state dict, "
+                       "e.g. .pt or .pth) itself")
     if not path.is_file():
         raise RunError(f"{where}: no such file")
     try:

@@ -32,13 +32,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .errors import RunError, one_line
-from .io import write_json_atomic
+from .io import check_writable_file, finite_json, write_json_atomic
 
 #: MS-SSIM windows tried, largest first (the paper uses 7, and 5 for small volumes).
 MS_SSIM_KERNELS = (7, 5, 3)
@@ -76,7 +77,8 @@ def ras_shape(path: Path) -> tuple[int, int, int]:
 
 def load_volumes(files: Sequence[Path], size: Sequence[int]) -> torch.Tensor:
     """The volumes in ``files`` as one float32 tensor ``(N, 1, *size)`` in [0, 1], loaded as
-    finetune loads its data (:class:`tenvoo_fast.data.NiftiVolumes`, whole-volume resize)."""
+    finetune loads its data (:class:`tenvoo_fast.data.NiftiVolumes`, whole-volume resize); a
+    file with a NaN or Inf voxel is refused with a :class:`RunError` naming it."""
     from .data import NiftiVolumes
 
     volumes = NiftiVolumes(files, size)
@@ -194,6 +196,7 @@ def run(opts: argparse.Namespace) -> dict:
     from .data import nifti_files
 
     device = torch.device(opts.device)
+    check_writable_file(opts.out, "--out", example="evaluation.json")
     gen_files, gen_other = nifti_files(opts.generated, "--generated")
     ref_files, ref_other = nifti_files(opts.reference, "--reference")
     weights = getattr(opts, "feature_weights", None)
@@ -214,6 +217,14 @@ def run(opts: argparse.Namespace) -> dict:
 
     scores = ms_ssim(generated, reference, kernel, device)
     summary = _summary(scores)
+    non_finite = []  # notes on any value that is not a finite number (written as null)
+    bad = (~torch.isfinite(scores)).nonzero().tolist()
+    if bad:
+        g, r = bad[0]
+        non_finite.append(f"MS-SSIM was NaN or infinite for {len(bad)} of {scores.numel()} "
+                          f"pairs (e.g. {gen_files[g].name} vs {ref_files[r].name}), so its "
+                          "mean and spread are null (the volumes themselves are finite: "
+                          "they were checked when read)")
     print(f"MS-SSIM (window {kernel}, mean over {summary['pairs']} generated-reference pairs): "
           f"{summary['mean']:.4f} (std {summary['std']:.4f}, min {summary['min']:.4f}, "
           f"max {summary['max']:.4f})")
@@ -250,6 +261,13 @@ def run(opts: argparse.Namespace) -> dict:
               f"{weights})")
     result.update(device=str(device), versions=finetune._versions(),
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    _, fields = finite_json(result)
+    if fields:
+        if not non_finite:
+            non_finite.append("these values were NaN or infinite, which JSON cannot hold")
+        result["non_finite"] = {"fields": fields, "written_as": None, "note": " ".join(non_finite)}
+        print(f"warning: {', '.join(fields)} not finite (written as null in {opts.out}): "
+              f"{' '.join(non_finite)}", file=sys.stderr)
     write_json_atomic(opts.out, result)
     print(f"wrote {opts.out}")
     return result

@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--base-weights", metavar="PATH",
                     help="torch state_dict of the UNet (default: random weights drawn from "
                          "--seed, as finetune draws them)")
+    sa.add_argument("--strict-base", action="store_true",
+                    help="refuse (instead of warning about) a base UNet other than the one the "
+                         "adapter was trained on (its preset, --seed, --base-weights and weight "
+                         "fingerprint are recorded in the adapter file)")
     sa.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm",
                     help="DDPM ancestral sampling or DDIM")
     sa.add_argument("--steps", type=_positive_int,

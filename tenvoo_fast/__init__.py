@@ -7,7 +7,8 @@ Layers: ops (``reference``, the backends) -> modules (drop-in adapted layers) ->
 from . import autotune, presets
 from ._version import __version__
 from .backends import available_backends, current_backend, set_backend, use_backend
-from .checkpoint import load_adapter, read_adapter_metadata, save_adapter
+from .checkpoint import (BaseMismatchWarning, base_fingerprint, load_adapter, read_adapter_base,
+                         read_adapter_metadata, save_adapter)
 from .config import AdapterConfig
 from .errors import AdapterError
 from .strategy import current_strategy, use_strategy
@@ -31,7 +32,8 @@ __all__ = [
     "__version__", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",
     "QuanTALinear", "LoRAConv3d", "LoHaConv3d", "LoKrConv3d", "LoRALinear", "LoHaLinear",
     "LoKrLinear", "inject", "merge_and_unload", "save_adapter", "load_adapter",
-    "read_adapter_metadata", "adapter_layers", "execution_plan", "count_parameters",
+    "read_adapter_metadata", "read_adapter_base", "base_fingerprint", "BaseMismatchWarning",
+    "adapter_layers", "execution_plan", "count_parameters",
     "available_backends",
     "current_backend", "use_backend", "set_backend", "use_strategy", "current_strategy",
     "presets", "autotune",

@@ -1,5 +1,7 @@
 """The model API under less common conditions: inference mode, low-precision models, the meta
-device, bad save paths and memory checks. Each test here failed before its fix."""
+device, bad save paths and memory checks."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -158,3 +160,59 @@ def _train_unet(model, x, t, steps=1):
         model(x, t).square().mean().backward()
         opt.step()
         opt.zero_grad()
+
+
+# -- 4. save_adapter to a path that cannot be a file -------------------------------------------------
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _adapted():
+    return tf.inject(_small_model(), _small_config())
+
+
+def test_save_adapter_to_a_folder_is_a_clear_error(tmp_path):
+    model = _adapted()
+    for path in (tmp_path, str(tmp_path) + "/", str(tmp_path / "new") + "/"):
+        with pytest.raises(AdapterError, match="is a folder; give a file path such as .*"
+                                               "adapter.safetensors") as e:
+            tf.save_adapter(model, path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []   # nothing written, no "new" file or folder
+
+
+def test_save_adapter_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AdapterError, match="is a file, not a folder") as e:
+        tf.save_adapter(_adapted(), tmp_path / "file" / "sub" / "a.safetensors")
+    assert str(tmp_path / "file") in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_save_adapter_to_a_read_only_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(AdapterError, match="no write permission"):
+            tf.save_adapter(_adapted(), folder / "a.safetensors")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_save_adapter_write_failure_is_a_clear_error_and_leaves_no_temp_file(tmp_path,
+                                                                              monkeypatch):
+    """A write that fails half-way (disk full, read-only file system, or, for root, a folder
+    it cannot really write) is one AdapterError naming the file, and the temporary file goes."""
+    from tenvoo_fast import checkpoint
+
+    def failing_save(tensors, tmp, metadata=None):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(AdapterError, match="cannot write .*a.safetensors .*No space left"):
+        tf.save_adapter(_adapted(), tmp_path / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -1,8 +1,11 @@
 """Model-level API: inject adapters into a model, choose what trains, merge them back out."""
 from __future__ import annotations
 
+import os
 import re
+from collections import defaultdict
 
+import torch
 from torch import nn
 
 from .config import AdapterConfig
@@ -44,13 +47,92 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _meta_shadow(module: nn.Module) -> nn.Module:
+    """A Conv3d/Linear with ``module``'s hyper-parameters and dtype on the meta device (no
+    memory), for building an adapter only to read its shapes; other modules as they are (the
+    build refuses them before allocating anything)."""
+    dtype = module.weight.dtype
+    if isinstance(module, nn.Conv3d):
+        return nn.Conv3d(module.in_channels, module.out_channels, module.kernel_size,
+                         stride=module.stride, padding=module.padding, dilation=module.dilation,
+                         groups=module.groups, bias=module.bias is not None,
+                         padding_mode=module.padding_mode, device="meta", dtype=dtype)
+    if isinstance(module, nn.Linear):
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                         device="meta", dtype=dtype)
+    return module
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``, or None where unknown (then nothing is
+    checked). CPU: MemAvailable from /proc/meminfo (else os.sysconf's available pages), and
+    no more than a cgroup v2 memory limit leaves; CUDA: torch.cuda.mem_get_info."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            free = min(free, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _check_adapter_memory(config: AdapterConfig, targets) -> None:
+    """Refuse, before allocating anything, adapters whose cores and frozen copies (at master
+    dtype) do not fit in the memory free on their device: a large rank (TenVOO cores grow as
+    r^4) would otherwise run the process out of memory half-way through injection. Building
+    each adapter on a meta-device copy of its layer gives the exact shapes, and checks the
+    layer can be adapted at all, before the model is touched."""
+    need, layers, frozen = defaultdict(int), defaultdict(int), False
+    for name, module in targets:
+        layer = config.build(name, _meta_shadow(module))
+        device = module.weight.device
+        tensors = list(layer.cores) + list(layer.frozen_cores or [])
+        frozen = frozen or layer.frozen_cores is not None
+        need[device] += sum(t.numel() * t.element_size() for t in tensors)
+        layers[device] += 1
+    for device, n in need.items():
+        free = available_memory(device)
+        if free is not None and n > free:
+            what = "cores and frozen copies" if frozen else "cores"
+            raise AdapterError(f"rank {config.rank}: the adapters would allocate "
+                               f"{n / 2**30:.1f} GiB ({what} of {layers[device]} layers) but "
+                               f"only {free / 2**30:.1f} GiB are free on {device}; use a "
+                               "smaller rank or fewer targets")
+
+
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Replace every target layer of ``model`` by its adapter, in place; freeze the rest.
 
     Returns the model. Only adapter cores, and what ``config.trainable`` adds, keep
     ``requires_grad``. Raises :class:`AdapterError` for patterns that match nothing or match
-    something other than a Conv3d/Linear, for a model that is already adapted, and for layers
-    the method cannot adapt.
+    something other than a Conv3d/Linear, for a model that is already adapted, for layers
+    the method cannot adapt, and for adapters that would not fit in the free memory of their
+    device (all before the model is changed).
     """
     if not isinstance(config, AdapterConfig):
         raise AdapterError(f"inject needs an AdapterConfig, got {type(config).__name__}")
@@ -72,12 +154,12 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise AdapterError(f"target pattern(s) {unmatched} match no module of this "
                            f"{type(model_).__name__}; check the names in model.named_modules() "
                            "or remove the pattern")
-    skipped = []
+    skipped = [name for name, module in targets
+               if isinstance(module, nn.Conv3d) and config.skip_single_channel
+               and (module.in_channels == 1 or module.out_channels == 1)]
+    targets = [(name, module) for name, module in targets if name not in skipped]
+    _check_adapter_memory(config, targets)
     for name, module in targets:
-        if isinstance(module, nn.Conv3d) and config.skip_single_channel and (
-                module.in_channels == 1 or module.out_channels == 1):
-            skipped.append(name)
-            continue
         _set_submodule(model_, name, config.build(name, module))
     setattr(model_, _CONFIG_ATTR, config)
     model_.tenvoo_skipped = skipped

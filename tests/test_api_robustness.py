@@ -216,3 +216,56 @@ def test_save_adapter_write_failure_is_a_clear_error_and_leaves_no_temp_file(tmp
     with pytest.raises(AdapterError, match="cannot write .*a.safetensors .*No space left"):
         tf.save_adapter(_adapted(), tmp_path / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- 6. adapters that cannot fit are refused before anything is allocated ----------------------------
+def _adapter_bytes(model):
+    return sum(t.numel() * t.element_size() for m in tf.adapter_layers(model).values()
+               for t in [*m.cores, *(m.frozen_cores or [])])
+
+
+@pytest.mark.parametrize("method", ["tenvoo-l", "lora"])
+def test_inject_refuses_adapters_larger_than_free_memory(method, monkeypatch):
+    """The check counts exactly what injection allocates (cores and frozen copies, fp32): it
+    passes with that many bytes free, and with one byte less refuses in one line, leaving the
+    model untouched."""
+    from ddpm_shapes import tiny_unet
+    from tenvoo_fast import model as model_api
+    config = tf.presets.paper_ddpm(method, 3)
+    need = _adapter_bytes(tf.inject(tiny_unet(), config))
+    asked = []
+    monkeypatch.setattr(model_api, "available_memory",
+                        lambda device: asked.append(torch.device(device)) or need - 1)
+    model = tiny_unet()
+    with pytest.raises(AdapterError, match=r"^rank 3: the adapters would allocate .* GiB "
+                                           r"\((cores and frozen copies|cores) of \d+ layers\) "
+                                           r"but only .* GiB are free on cpu; use a smaller rank "
+                                           r"or fewer targets$"):
+        tf.inject(model, config)
+    assert asked == [torch.device("cpu")]
+    assert not tf.adapter_layers(model) and tf.model.get_config(model) is None
+    monkeypatch.setattr(model_api, "available_memory", lambda device: need)
+    assert _adapter_bytes(tf.inject(tiny_unet(), config)) == need
+
+
+def test_paper_rank_64_is_refused_fast(monkeypatch):
+    """The paper preset at rank 64 (TenVOO cores grow as r^4: 17 GiB for 111 layers) on a
+    machine with 16 GiB free: refused from the layer shapes alone (the model is on meta here,
+    so nothing could be allocated anyway)."""
+    import time
+    from ddpm_shapes import paper_unet
+    from tenvoo_fast import model as model_api
+    monkeypatch.setattr(model_api, "available_memory", lambda device: 16 * 2**30)
+    start = time.perf_counter()
+    with pytest.raises(AdapterError, match=r"rank 64: the adapters would allocate 17\.1 GiB "
+                                           r"\(cores and frozen copies of 111 layers\) but only "
+                                           r"16\.0 GiB are free on meta"):
+        tf.inject(paper_unet("meta"), tf.presets.paper_ddpm("tenvoo-l", rank=64))
+    assert time.perf_counter() - start < 30
+
+
+def test_available_memory_reports_the_cpu():
+    from tenvoo_fast.model import available_memory
+    free = available_memory(torch.device("cpu"))
+    assert free is not None and 0 < free
+    assert available_memory(torch.device("meta")) is None

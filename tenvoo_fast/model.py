@@ -51,15 +51,15 @@ def _meta_shadow(module: nn.Module) -> nn.Module:
     """A Conv3d/Linear with ``module``'s hyper-parameters and dtype on the meta device (no
     memory), for building an adapter only to read its shapes; other modules as they are (the
     build refuses them before allocating anything)."""
-    dtype = module.weight.dtype
     if isinstance(module, nn.Conv3d):
         return nn.Conv3d(module.in_channels, module.out_channels, module.kernel_size,
                          stride=module.stride, padding=module.padding, dilation=module.dilation,
                          groups=module.groups, bias=module.bias is not None,
-                         padding_mode=module.padding_mode, device="meta", dtype=dtype)
+                         padding_mode=module.padding_mode, device="meta",
+                         dtype=module.weight.dtype)
     if isinstance(module, nn.Linear):
         return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                         device="meta", dtype=dtype)
+                         device="meta", dtype=module.weight.dtype)
     return module
 
 

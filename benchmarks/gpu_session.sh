@@ -55,7 +55,7 @@ if [[ ,$STAGES, == *,paper,* ]]; then
     --backend reference \
     --out runs/paper-reference 2>&1 | tail -6
   [[ ${TRACE:-1} == 1 ]] && timeout 180 $cli finetune --preset paper --amp bf16 --accum 1 --steps 6 --device cuda \
-    --method tenvoo-l --profile --out runs/paper-trace 2>&1 | tail -4
+    --method tenvoo-l --profile --overwrite --out runs/paper-trace 2>&1 | tail -4
   timeout 300 $cli profile ${common/--steps $STEPS/--steps 12} --methods tenvoo-l,tenvoo-q \
     --autotune --out runs/paper-autotune 2>&1 | tail -8
   for s in factorized implicit-gemm; do   # whole-model strategy comparison (TenVOO-L, triton)

@@ -259,7 +259,7 @@ def run(opts: argparse.Namespace) -> dict:
                               "input": "each volume z-scored (mean 0, std 1)"}
         print(f"FID: {result['fid']:.4f}  MMD: {result['mmd']:.6f} (ResNet-50 features, "
               f"{weights})")
-    result.update(device=str(device), versions=finetune._versions(),
+    result.update(device=str(device), versions=finetune.versions(),
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     _, fields = finite_json(result)
     if fields:

@@ -43,7 +43,7 @@ ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "ste
 def finetune_argv(opts: argparse.Namespace, method: str) -> list[str]:
     """The ``tenvoo-fast finetune`` command line of ``method`` in this profile."""
     argv = ["finetune", "--preset", opts.preset, "--method", method, "--steps", str(opts.steps),
-            "--out", str(Path(opts.out) / method)]
+            "--out", str(Path(opts.out) / method), "--overwrite"]
     for dest, flag in PASSED_ON:
         value = getattr(opts, dest, None)
         if value is None:
@@ -94,7 +94,7 @@ def run(opts: argparse.Namespace) -> dict:
         steps=opts.steps, accum=runs[0].accum, batch_size=runs[0].batch_size,
         seed=runs[0].seed, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        peak_memory=memory_kind, versions=finetune._versions(),
+        peak_memory=memory_kind, versions=finetune.versions(),
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         commands=[" ".join(finetune_argv(opts, m)) for m in methods], rows=rows)
     table = markdown_table(profile)

@@ -56,7 +56,7 @@ def test_each_method_trains_and_writes_metrics(method, tmp_path, capsys):
     assert 0 < metrics["trainable_params"] <= metrics["total_params"]
     assert (metrics["trainable_params"] == metrics["total_params"]) == (method == "full")
     weights = "trained.safetensors" if method in ("full", "bias", "norm") else "adapter.safetensors"
-    assert (tmp_path / weights).exists() and (tmp_path / "state.pt").exists()
+    assert (tmp_path / weights).exists() and (tmp_path / "checkpoint.json").exists()
     assert not list(tmp_path.glob(".tmp-*"))
     assert "step 2/2" in capsys.readouterr().out  # no terminal: log lines instead of a bar
 
@@ -140,17 +140,17 @@ def test_resume_continues_to_the_total(method, tmp_path):
     assert code == 0
     assert resumed["steps"] == 4 and len(resumed["losses"]) == 4
     assert resumed["losses"][:2] == first["losses"]
-    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 4
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 4
 
 
 def test_resume_with_other_options_is_refused(tmp_path, capsys):
     assert finetune(tmp_path, "--steps", "1")[0] == 0
     code, metrics = finetune(tmp_path, "--method", "lora", "--steps", "2", "--resume")
     err = capsys.readouterr().err
-    assert code == 2 and "--resume" in err and "method (saved 'tenvoo-l', now 'lora')" in err
+    assert code == 2 and "--resume" in err and "--method (saved 'tenvoo-l', now 'lora')" in err
     assert metrics["steps"] == 1  # the saved run is untouched
     code, _ = finetune(tmp_path / "fresh", "--resume")
-    assert code == 2 and "state.pt not found" in capsys.readouterr().err
+    assert code == 2 and "checkpoint.json not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method, trainable", [("tenvoo-l", 601024), ("tenvoo-q", 603904)])

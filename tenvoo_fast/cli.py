@@ -7,6 +7,7 @@ subcommand is a ``_cmd_*`` function registered in :func:`build_parser`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -15,7 +16,7 @@ from . import __version__, finetune, presets
 from . import evaluate as evaluate_
 from . import profile as profile_
 from . import sample as sample_
-from .errors import AdapterError, RunError
+from .errors import AdapterError, RunError, one_line
 from .strategy import STRATEGIES
 from .unets import DEFAULT_SIZES
 
@@ -36,15 +37,52 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like the commands' own errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+#: The devices the commands run on.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(text: str) -> torch.device:
+    """``--device TEXT`` as a torch device the commands can run on; a RunError otherwise."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise RunError(f"--device {text}: not a torch device ({one_line(e)}); use cpu or "
+                       "cuda") from None
+    if device.type not in DEVICE_TYPES:
+        raise RunError(f"--device {text}: tenvoo-fast runs on cpu or cuda devices, not "
+                       f"{device.type}; use --device cpu or --device cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {text}: no CUDA device is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s), numbered from 0")
+    return device
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,7 +116,7 @@ def _method_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subparser per command, each bound to its ``_cmd_*`` function."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tenvoo-fast",
         description="Tensor-network adapters (TenVOO, QuanTA) and baselines for 3D conv nets.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -88,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="the paper's 3D DDPM fine-tuning: train, report, save, resume",
         description="Fine-tune a MONAI 3D DiffusionModelUNet with the paper's DDPM objective on "
                     "synthetic phantoms or a folder of NIfTI files; writes DIR/metrics.json, the "
-                    "trained adapter (or parameters) and DIR/state.pt for --resume. Under "
+                    "trained adapter (or parameters) and the checkpoint (DIR/checkpoint.json, "
+                    "DIR/checkpoints/) that --resume continues from exactly. Under "
                     "torchrun it trains with DistributedDataParallel.",
         formatter_class=_HelpFormatter)
     model = ft.add_argument_group("model")
@@ -151,8 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/finetune", metavar="DIR", help="output folder")
     run.add_argument("--resume", action="store_true",
                      help="continue the run saved in --out (same model and method)")
-    run.add_argument("--save-every", type=_non_negative_int, default=0, metavar="N",
-                     help="also save weights and state every N steps (0: only at the end)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out (without it, a folder holding a "
+                          "checkpoint is refused unless --resume)")
+    run.add_argument("--save-every", type=_non_negative_int,
+                     default=finetune.SAVE_EVERY_STEPS, metavar="N",
+                     help="checkpoint every N optimizer steps (0: not by steps); a checkpoint "
+                          "is also written every --save-every-minutes, on SIGTERM/SIGINT and at "
+                          "the end")
+    run.add_argument("--save-every-minutes", type=_non_negative_float,
+                     default=finetune.SAVE_EVERY_MINUTES, metavar="M",
+                     help="checkpoint when M minutes have passed since the last one (0: not "
+                          "by time)")
+    run.add_argument("--strict-base", action="store_true",
+                     help="with --resume, refuse (instead of warning about) base weights other "
+                          "than those the checkpoint's adapter was trained on")
     run.add_argument("--log-every", type=_positive_int, default=10, metavar="N",
                      help="without a terminal, print a progress line every N steps")
     run.add_argument("--dry-run", action="store_true",
@@ -289,21 +341,20 @@ def _cmd_check_kernels(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (argparse exits with 2 on bad arguments)."""
+    """Run the command line; returns the exit code: 0, 2 for bad input or a run that cannot go
+    on (one ``error:`` line), or 128 + the signal for a run stopped by SIGTERM/SIGINT after
+    saving its checkpoint."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "device", None) is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            parser.error(f"--device: {e}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device is available; use --device cpu")
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         return args.func(args)
     except (AdapterError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except finetune.Interrupted as e:
+        return e.code
 
 
 if __name__ == "__main__":

@@ -101,21 +101,38 @@ def available_memory(device: torch.device) -> int | None:
     return free
 
 
+def _adapter_bytes(config: AdapterConfig, targets) -> tuple[dict, dict, bool]:
+    """Bytes of the cores and of the frozen copies per device, the layer count per device, and
+    whether there are frozen copies; from adapters built on meta copies of the targets."""
+    cores, frozen_bytes, layers, frozen = defaultdict(int), defaultdict(int), defaultdict(int), \
+        False
+    for name, module in targets:
+        layer = config.build(name, _meta_shadow(module))
+        device = module.weight.device
+        frozen = frozen or layer.frozen_cores is not None
+        cores[device] += sum(t.numel() * t.element_size() for t in layer.cores)
+        frozen_bytes[device] += sum(t.numel() * t.element_size()
+                                    for t in (layer.frozen_cores or []))
+        layers[device] += 1
+    return cores, frozen_bytes, layers, frozen
+
+
+def adapter_memory(model: nn.Module, config: AdapterConfig) -> tuple[int, int]:
+    """(bytes of the cores, bytes of the frozen copies) that ``inject(model, config)`` would
+    allocate, computed without allocating them (for memory checks before training)."""
+    cores, frozen, _, _ = _adapter_bytes(config, _targets(unwrap(model), config)[0])
+    return sum(cores.values()), sum(frozen.values())
+
+
 def _check_adapter_memory(config: AdapterConfig, targets) -> None:
     """Refuse, before allocating anything, adapters whose cores and frozen copies (at master
     dtype) do not fit in the memory free on their device: a large rank (TenVOO cores grow as
     r^4) would otherwise run the process out of memory half-way through injection. Building
     each adapter on a meta-device copy of its layer gives the exact shapes, and checks the
     layer can be adapted at all, before the model is touched."""
-    need, layers, frozen = defaultdict(int), defaultdict(int), False
-    for name, module in targets:
-        layer = config.build(name, _meta_shadow(module))
-        device = module.weight.device
-        tensors = list(layer.cores) + list(layer.frozen_cores or [])
-        frozen = frozen or layer.frozen_cores is not None
-        need[device] += sum(t.numel() * t.element_size() for t in tensors)
-        layers[device] += 1
-    for device, n in need.items():
+    cores, frozen_bytes, layers, frozen = _adapter_bytes(config, targets)
+    for device, n in cores.items():
+        n += frozen_bytes[device]
         free = available_memory(device)
         if free is not None and n > free:
             what = "cores and frozen copies" if frozen else "cores"
@@ -141,6 +158,19 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if existing:
         raise AdapterError(f"the model already has adapters (e.g. {next(iter(existing))}); "
                            "inject once per model, or call merge_and_unload(model) first")
+    targets, skipped = _targets(model_, config)
+    _check_adapter_memory(config, targets)
+    for name, module in targets:
+        _set_submodule(model_, name, config.build(name, module))
+    setattr(model_, _CONFIG_ATTR, config)
+    model_.tenvoo_skipped = skipped
+    mark_trainable(model_, config)
+    return model
+
+
+def _targets(model_: nn.Module, config: AdapterConfig) -> tuple[list, list]:
+    """The (name, module) pairs ``config`` adapts in ``model_``, and the names it skips
+    (single-channel convs); refuses patterns that match nothing."""
     named = [(n, m) for n, m in model_.named_modules() if n]
     targets, hits = [], {p: 0 for p in config.target_modules}
     for name, module in named:
@@ -157,14 +187,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     skipped = [name for name, module in targets
                if isinstance(module, nn.Conv3d) and config.skip_single_channel
                and (module.in_channels == 1 or module.out_channels == 1)]
-    targets = [(name, module) for name, module in targets if name not in skipped]
-    _check_adapter_memory(config, targets)
-    for name, module in targets:
-        _set_submodule(model_, name, config.build(name, module))
-    setattr(model_, _CONFIG_ATTR, config)
-    model_.tenvoo_skipped = skipped
-    mark_trainable(model_, config)
-    return model
+    return [(name, module) for name, module in targets if name not in skipped], skipped
 
 
 def mark_trainable(model: nn.Module, config: AdapterConfig) -> None:

@@ -125,19 +125,7 @@ class AdapterLayer:
     # -- the math -----------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """T(θ): the trainable network in the layer weight's layout, fp32 (fp64 for fp64 cores)."""
-        if self.cores[0].device.type == "meta":
-            return self._meta_delta(list(self.cores), reference.contraction_dtype(self.cores))
         return reference.delta_weight(self.network, list(self.cores))
-
-    def _meta_delta(self, tensors, dtype) -> torch.Tensor:
-        """The reference contraction on the meta device (shapes and dtypes only): the same
-        einsum without the reference's autocast guard, which torch refuses for 'meta' (autocast
-        never applies there)."""
-        views = tuple(c.contraction_shape for c in self.network.cores)
-        expr = reference.contraction_expression(self.network.equation, views)
-        out = expr(*[t.to(dtype).reshape(v) for t, v in zip(tensors, views)], backend="torch")
-        out = out.reshape(self.network.weight_shape)
-        return out * self.network.scale if self.network.scale != 1.0 else out
 
     def frozen_delta_weight(self, backend=None) -> Optional[torch.Tensor]:
         """T(θ0) in fp32 (fp64), or None when the layer keeps no frozen copy.
@@ -151,9 +139,6 @@ class AdapterLayer:
         backend = backend or backends.get_backend("reference")
         frozen = list(self.frozen_cores)
         dtype = reference.contraction_dtype([self.weight, *self.cores])
-        if frozen[0].device.type == "meta":   # nothing to cache: no values, no data pointers
-            with torch.no_grad():
-                return self._meta_delta(frozen, dtype)
         if torch.compiler.is_compiling():
             # Built in the graph (a cache keyed on data pointers cannot be traced); always right.
             return backend.delta_weight(self.network, [t.to(dtype) for t in frozen])
@@ -169,10 +154,6 @@ class AdapterLayer:
 
     def effective_weight(self) -> torch.Tensor:
         """``W - T(θ0) + T(θ)`` in fp32 (fp64), differentiable w.r.t. the cores."""
-        if self.weight.device.type == "meta":
-            dtype = reference.contraction_dtype([self.weight, *self.cores])
-            delta, frozen = self._meta_delta(list(self.cores), dtype), self.frozen_delta_weight()
-            return self.weight.to(dtype) + (delta if frozen is None else delta - frozen)
         return reference.effective_weight(self.weight, self.network, list(self.cores),
                                           frozen_delta=self.frozen_delta_weight())
 

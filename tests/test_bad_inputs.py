@@ -194,23 +194,28 @@ def test_sample_out_under_a_file(tmp_path):
     assert result.stdout == "" and listing(tmp_path) == ["afile"]
 
 
+def unwritable(tmp_path, name):
+    """A path ``name`` in a folder this process cannot write: a 0o500 folder for other users;
+    as root, which writes there, under /proc (the one folder a test can rely on)."""
+    if IS_ROOT:
+        return Path("/proc/tenvoo-fast-test") / name
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return locked / name
+
+
 def test_sample_out_not_writable(tmp_path):
     """An unwritable parent: a 0o500 folder for other users; as root, which writes there, /proc
     (the only folder root cannot write that a test can rely on)."""
-    if IS_ROOT:
-        out = Path("/proc/tenvoo-fast-test/samples")
-    else:
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o500)
-        out = locked / "samples"
+    out = unwritable(tmp_path, "samples")
     try:
         result = cli(*SAMPLE, "--out", out)
         one_error_line(result, f"--out {out}", "cannot write in")
         assert result.stdout == ""
     finally:
         if not IS_ROOT:
-            locked.chmod(0o700)
+            out.parent.chmod(0o700)
 
 
 @pytest.mark.parametrize("case", ["garbage", "folder", "plain-safetensors", "trained",
@@ -353,20 +358,14 @@ def test_evaluate_out_under_a_file(volumes, tmp_path):
 
 def test_evaluate_out_not_writable(volumes, tmp_path):
     """As in sample: a 0o500 folder for other users, /proc as root."""
-    if IS_ROOT:
-        out = Path("/proc/tenvoo-fast-test/evaluation.json")
-    else:
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o500)
-        out = locked / "evaluation.json"
+    out = unwritable(tmp_path, "evaluation.json")
     try:
         result = _evaluate(volumes["good"], volumes["good"], out)
         one_error_line(result, f"--out {out}", "cannot write in")
         assert result.stdout == ""
     finally:
         if not IS_ROOT:
-            locked.chmod(0o700)
+            out.parent.chmod(0o700)
 
 
 @pytest.mark.parametrize("flag", ["--generated", "--reference"])

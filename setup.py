@@ -1,8 +1,9 @@
 """Build and install tenvoo_fast.
 
-The top-level ``triton_kernels/`` directory is installed as the subpackage
-``tenvoo_fast.triton_kernels`` (a top-level ``triton_kernels`` would clash with an unrelated PyPI
-package). The native kernels in ``csrc/`` are built where they can be:
+The adapter library needs torch, numpy, opt_einsum and safetensors; the 3D DDPM program
+(``tenvoo-fast``) the ``ddpm`` extra; the test suite the ``test`` extra. The top-level
+``triton_kernels/`` directory is installed as the subpackage ``tenvoo_fast.triton_kernels``.
+The native kernels in ``csrc/`` are built where they can be:
 ``TENVOO_FAST_BUILD_CPU`` and ``TENVOO_FAST_BUILD_CUDA`` (``auto``, ``0`` or ``1``) skip or force
 each extension (csrc/README.md). torch is a runtime dependency and deliberately not a build
 dependency, so that installing never pulls a second (CUDA) build of torch: install the torch you
@@ -83,6 +84,20 @@ def native_extensions():
 
 EXT_MODULES, CMDCLASS = native_extensions()
 
+#: The library's subpackages (the top-level triton_kernels/ is installed as
+#: tenvoo_fast.triton_kernels: a top-level ``triton_kernels`` would clash with a PyPI package).
+PACKAGES = ["tenvoo_fast", *(f"tenvoo_fast.{p}" for p in (
+    "contraction", "methods", "ops", "kernels", "dispatch", "nn", "model", "measure", "ddpm",
+    "triton_kernels"))]
+#: The 3D DDPM fine-tuning program (``tenvoo-fast``): ``pip install 'tenvoo_fast[ddpm]'``.
+DDPM = [
+    "monai>=1.4",
+    "einops",  # MONAI's attention blocks import it
+    "nibabel",  # NIfTI data for finetune --data and sample's outputs
+    "tqdm",
+    "matplotlib",  # profile and sample plots
+]
+
 
 def read_version():
     with open(os.path.join(HERE, "tenvoo_fast", "_version.py")) as f:
@@ -101,28 +116,27 @@ setup(
     long_description=read_readme(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tenvoo_fast", "tenvoo_fast.modules", "tenvoo_fast.triton_kernels"],
+    packages=PACKAGES,
     package_dir={"tenvoo_fast": "tenvoo_fast", "tenvoo_fast.triton_kernels": "triton_kernels"},
+    # The adapter library: `import tenvoo_fast` needs only these (numpy: adapter files'
+    # base fingerprint).
     install_requires=[
         "torch>=2.4",
         "numpy",
         "opt_einsum>=3.3",
         "safetensors>=0.4",
-        "monai>=1.4",
-        "einops",  # MONAI's attention blocks import it
-        "nibabel",  # NIfTI data for finetune --data and sample's outputs
-        "tqdm",
-        "matplotlib",  # profile and sample plots
     ],
     extras_require={
-        # Everything the suite runs: triton (the interpreter and ahead-of-time checks of the GPU
-        # kernels), scipy (MONAI's FID), and the peers the adapters are checked against.
+        "ddpm": DDPM,
+        # Everything the suite runs: the DDPM program, triton (the interpreter and
+        # ahead-of-time checks of the GPU kernels), scipy (MONAI's FID), and the peers the
+        # adapters are checked against.
         "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "scipy",
-                 "peft", "lycoris-lora"],
+                 "peft", "lycoris-lora", *DDPM],
         "triton": ["triton>=3.2"],
         "peers": ["peft", "lycoris-lora"],
     },
-    entry_points={"console_scripts": ["tenvoo-fast=tenvoo_fast.cli:main"]},
+    entry_points={"console_scripts": ["tenvoo-fast=tenvoo_fast.ddpm.cli:main"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
 )

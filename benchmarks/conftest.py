@@ -9,17 +9,9 @@ def pytest_configure(config):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Raw results carry what produced them: versions and the device."""
-    import monai
-    import tenvoo_fast
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    from tenvoo_fast.ddpm.system import versions
     output_json["tenvoo_fast"] = {
-        "versions": {"torch": torch.__version__, "triton": triton_version,
-                     "monai": monai.__version__, "tenvoo_fast": tenvoo_fast.__version__,
-                     "cuda": torch.version.cuda},
+        "versions": {**versions(), "cuda": torch.version.cuda},
         "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
                    else f"cpu ({torch.get_num_threads()} threads)"),
     }

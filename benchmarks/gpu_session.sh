@@ -2,7 +2,7 @@
 # Everything a lent GPU is for, in one call (the device tool's machine, or any CUDA machine):
 #   build   - the native extensions in place (CPU and CUDA kernels; build.log says if nvcc or
 #             a header is missing there, and the later stages then run without the cuda backend);
-#   tests   - tests/test_cuda.py: every backend against the fp64 oracle in fp32/bf16/fp16;
+#   tests   - tests/kernels/test_cuda.py: every backend against the fp64 oracle in fp32/bf16/fp16;
 #   layers  - the layer benchmarks (DDPM shapes, bf16 autocast) beside peft/LyCORIS peers;
 #   paper   - the paper preset (128x128x96, bf16) fine-tuned for real: full, lora, tenvoo-l,
 #             tenvoo-q side by side, the TenVOO methods again on the reference backend, and a
@@ -36,9 +36,9 @@ print(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
       "triton", triton.__version__, "monai", monai.__version__, "tenvoo_fast",
       tenvoo_fast.__version__, "backends", tenvoo_fast.available_backends())
 PY
-cli="python3 -m tenvoo_fast.cli"
+cli="python3 -m tenvoo_fast"
 if [[ ,$STAGES, == *,tests,* ]]; then
-  timeout 480 python3 -m pytest tests/test_cuda.py tests/test_triton.py -q -p no:cacheprovider -rs 2>&1 \
+  timeout 480 python3 -m pytest tests/kernels/test_cuda.py tests/kernels/test_triton.py -q -p no:cacheprovider -rs 2>&1 \
     | tee "$OUT/tests.log" | tail -5
 fi
 if [[ ,$STAGES, == *,layers,* ]]; then

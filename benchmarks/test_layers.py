@@ -13,8 +13,8 @@ from torch import nn
 
 import tenvoo_fast
 from tenvoo_fast import QuanTALinear, TenVOOConv3d, use_backend, use_strategy
-from tenvoo_fast.factorized import conv_costs
-from tenvoo_fast.memory import owned_tensors, saved_bytes
+from tenvoo_fast.dispatch.costs import conv_costs
+from tenvoo_fast.measure import owned_tensors, saved_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # CPU: the goal shapes (small spatial sizes). GPU: the paper DDPM's adapted convs at the
@@ -78,18 +78,18 @@ def test_plain_conv(benchmark, shape, peer):
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 # triton on the CPU would be its interpreter (a numerics check, not a speed): GPU only.
 # cpu / cuda: the native (csrc) kernels of this device, where the install built them.
-# "recompute" and "auto" choose the strategy per layer; the forced /merged and /factorized runs
-# beside them show whether the choice was the faster; triton/factorized runs the factorised
-# conv's activation-sized maps in the fused Triton kernels (recompute/factorized: in torch);
+# "torch" and "auto" choose the strategy per layer; the forced /merged and /factorized runs
+# beside them show whether the choice was the faster; triton/factorized runs the factorized
+# conv's activation-sized maps in the fused Triton kernels (torch/factorized: in torch);
 # triton/implicit-gemm is the Triton conv that generates its weight tiles on chip (compare with
 # trainable-conv: cuDNN's conv).
-@pytest.mark.parametrize("backend", ["reference", "recompute", "auto", DEVICE, "recompute/merged",
-                                     "recompute/factorized"]
+@pytest.mark.parametrize("backend", ["reference", "torch", "auto", DEVICE, "torch/merged",
+                                     "torch/factorized"]
                          + (["triton", "triton/factorized", "triton/implicit-gemm"]
                             if DEVICE == "cuda" else []))
 def test_tenvoo_conv(benchmark, shape, adapter, backend):
     name, _, strategy = backend.partition("/")
-    reason = tenvoo_fast.backends.get_backend(name).unavailable_reason() if name in (
+    reason = tenvoo_fast.dispatch.backends.get_backend(name).unavailable_reason() if name in (
         "cpu", "cuda") else None
     if reason:
         pytest.skip(reason)
@@ -106,8 +106,8 @@ def test_tenvoo_conv(benchmark, shape, adapter, backend):
         pytest.skip("implicit-gemm generates each weight tile over Q's r³ bond (1728 at r=12): "
                     "about 27x the conv's own flops")
     with use_backend(name), use_strategy(strategy or "auto"):
-        chosen = tenvoo_fast.backends.resolve(layer, x)
-        picked = (tenvoo_fast.strategy.conv_strategy(layer, x.shape, vol, chosen.kernel)
+        chosen = tenvoo_fast.dispatch.resolve(layer, x)
+        picked = (tenvoo_fast.dispatch.strategy.conv_strategy(layer, x.shape, vol, chosen.impl)
                   if chosen.name != "reference" else None)
         _run(benchmark, lambda: layer(x).sum().backward(), owned_tensors(layer, x, chosen),
              layer.weight, shape=shape, method=adapter, backend=backend,
@@ -126,10 +126,10 @@ def test_plain_linear(benchmark, shape, peer):
 
 
 @pytest.mark.parametrize("shape", list(LINEAR_SHAPES))
-# "recompute" lets the strategy choice pick merged or factorized per shape; the two forced runs
+# "torch" lets the strategy choice pick merged or factorized per shape; the two forced runs
 # beside it show whether it picked the faster. "auto" also picks the backend.
-@pytest.mark.parametrize("backend", ["reference", "auto", "recompute", "recompute/merged",
-                                     "recompute/factorized"]
+@pytest.mark.parametrize("backend", ["reference", "auto", "torch", "torch/merged",
+                                     "torch/factorized"]
                          + (["triton"] if DEVICE == "cuda" else []))
 def test_quanta_linear(benchmark, shape, backend):
     fin, fout, rows = LINEAR_SHAPES[shape]
@@ -137,8 +137,8 @@ def test_quanta_linear(benchmark, shape, backend):
     x = torch.randn(rows, fin, device=DEVICE, requires_grad=True)
     name, _, strategy = backend.partition("/")
     with use_backend(name), use_strategy(strategy or "auto"):
-        chosen = tenvoo_fast.backends.resolve(layer, x)
-        picked = tenvoo_fast.strategy.linear_strategy(layer, rows)
+        chosen = tenvoo_fast.dispatch.resolve(layer, x)
+        picked = tenvoo_fast.dispatch.strategy.linear_strategy(layer, rows)
         _run(benchmark, lambda: layer(x).sum().backward(), owned_tensors(layer, x, chosen),
              layer.weight, shape=shape, method="quanta-r12", backend=backend,
              resolved=chosen.name + (f"/{picked}" if chosen.name != "reference" else ""))

@@ -1,32 +1,26 @@
 """tenvoo_fast: tensor-network adapters (TenVOO, QuanTA) and baselines for 3D conv nets.
 
-Layers: ops (``reference``, the backends) -> modules (drop-in adapted layers) -> model API
-(``inject``, ``merge_and_unload``, ``save_adapter``/``load_adapter``). The math lives in
-``networks``; backend choice in ``backends``.
+From the bottom up: the tensor-network algebra (:mod:`.contraction`), the ``torch.library`` ops
+(:mod:`.ops`) and who runs their heavy steps (:mod:`.kernels`, :mod:`.triton_kernels`), the one
+dispatch decision (:mod:`.dispatch`), the layers' forwards (:mod:`.functional`), the adapted
+layers (:mod:`.nn`, each family's in :mod:`.methods`) and the model API (:mod:`.model`). The
+3D DDPM fine-tuning program is :mod:`.ddpm` (install extra ``ddpm``). Importing this package
+needs only torch, opt_einsum and safetensors.
 """
-from . import autotune, presets
+from . import methods
 from ._version import __version__
-from .backends import available_backends, current_backend, set_backend, use_backend
-from .checkpoint import (BaseMismatchWarning, base_fingerprint, load_adapter, read_adapter_base,
-                         read_adapter_metadata, save_adapter)
-from .config import AdapterConfig
+from .dispatch import (autotune, available_backends, current_backend, current_strategy,
+                       set_backend, use_backend, use_strategy)
 from .errors import AdapterError
-from .strategy import current_strategy, use_strategy
-from .model import (adapter_layers, count_parameters, execution_plan, inject,
-                    merge_and_unload)
-from .modules import (AdapterLayer, LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d,
-                      LoRALinear, QuanTALinear, TenVOOConv3d)
-from .reference import ReferenceBackend as _ReferenceBackend
-from .recompute import RecomputeBackend as _RecomputeBackend
-from .triton_backend import TritonBackend as _TritonBackend
-from .native_backend import NativeBackend as _NativeBackend
-from .backends import register_backend as _register_backend
+from .methods import (LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d, LoRALinear,
+                      QuanTALinear, TenVOOConv3d)
+from .model import (AdapterConfig, BaseMismatchWarning, adapter_layers, base_fingerprint,
+                    count_parameters, execution_plan, inject, load_adapter, merge_and_unload,
+                    presets, read_adapter_base, read_adapter_metadata, save_adapter)
+from .nn import AdapterLayer
 
-_register_backend(_ReferenceBackend())
-_register_backend(_RecomputeBackend())
-_register_backend(_TritonBackend())
-_register_backend(_NativeBackend("cpu"))
-_register_backend(_NativeBackend("cuda"))
+#: The network builders under their earlier module name (``tf.networks.tenvoo(...)``).
+networks = methods
 
 __all__ = [
     "__version__", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",
@@ -36,5 +30,5 @@ __all__ = [
     "adapter_layers", "execution_plan", "count_parameters",
     "available_backends",
     "current_backend", "use_backend", "set_backend", "use_strategy", "current_strategy",
-    "presets", "autotune",
+    "presets", "autotune", "methods",
 ]

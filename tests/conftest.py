@@ -1,11 +1,7 @@
 import os
-import sys
 
 import pytest
 import torch
-
-# Test helpers (oracle.py, ddpm_shapes.py) are plain modules beside the tests.
-sys.path.insert(0, os.path.dirname(__file__))
 
 # Without a GPU the triton backend runs its kernels in Triton's interpreter (on CPU tensors),
 # so its numerics are tested everywhere; ``auto`` never picks it on the CPU.
@@ -28,7 +24,7 @@ def pytest_sessionstart(session):
         pytest.exit("triton is not installed, so the GPU kernels cannot be checked here; install "
                     "the test extras (bash .ci/install, or pip install -e .[test])", returncode=1)
     if os.environ.get("TENVOO_FAST_REQUIRE_NVCC") == "1":
-        from tenvoo_fast.check_kernels import nvcc
+        from tenvoo_fast.kernels.compile_check import nvcc
         if nvcc() is None:
             pytest.exit("TENVOO_FAST_REQUIRE_NVCC=1 but nvcc is not on PATH (nor under "
                         "CUDA_HOME): install the CUDA toolkit, or unset it to skip compiling "

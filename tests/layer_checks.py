@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oracle import rel_err, spec_delta
+from tests.oracle import rel_err, spec_delta
 from tenvoo_fast import (LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d, LoRALinear,
                          QuanTALinear, TenVOOConv3d)
 
@@ -82,3 +82,22 @@ def check_against_oracle(layer, x, kind, tol):
     for i, (g, g0) in enumerate(zip(gc, gc0)):
         assert g is not None, f"parameter {i} got no gradient"
         assert rel_err(g, g0) < tol, f"parameter {i} gradient"
+
+
+def cores_op_args(layer, x, impl: str) -> tuple:
+    """The arguments of a conv op that takes the cores (factorized, implicit-gemm) for ``layer``
+    on ``x`` with stride, padding and dilation 1."""
+    from tenvoo_fast.contraction.partition import channel_letters
+    return (x, layer.weight, list(layer.cores), list(layer.frozen_cores), layer.bias,
+            layer.network.equation, ",".join(channel_letters(layer.network)),
+            layer.network.scale, [1] * 9, impl)
+
+
+def check_compiled_matches_eager(layer, x, backend: str, strategy: str) -> None:
+    """``torch.compile(fullgraph=True)`` of ``layer`` gives what eager mode gives."""
+    from tenvoo_fast import use_backend, use_strategy
+    with use_backend(backend), use_strategy(strategy):
+        eager = layer(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    assert rel_err(compiled, eager) < 1e-6

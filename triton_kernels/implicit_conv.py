@@ -1,6 +1,6 @@
-"""Implicit-GEMM Conv3d with the weight generated from the cores on chip (fast-path design 2).
+"""Implicit-GEMM Conv3d with the weight generated from the cores on chip (the implicit-gemm strategy).
 
-The last step of an adapter's contraction is a GEMM ``T = P·Q`` (:mod:`tenvoo_fast.last_step`).
+The last step of an adapter's contraction is a GEMM ``T = P·Q`` (:mod:`tenvoo_fast.contraction.last_step`).
 When the input-channel letters all sit in one operand (P) and the output-channel letters in the
 other (Q), as in TenVOO-L (P rows = (Cin, kD), Q columns = (Cout, kH, kW), bond r²), the weight
 tile of one kernel tap for a block of input and output channels is itself a small GEMM::
@@ -27,6 +27,8 @@ Activations may have any strides (NCDHW or channels-last).
 """
 import triton
 import triton.language as tl
+
+from .voxels import unflatten_voxel, voxel_offset
 
 #: Tiles: voxels (M), the channel block the program owns (N), the channel block of the K loop
 #: (C), the bond chunk (K, the hardware's minimum for a dot) and the voxel chunk of the weight
@@ -77,23 +79,6 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _split(v, S1, S2, S3):
-    """Flat voxel index over (batch, S1, S2, S3) -> (n, i1, i2, i3)."""
-    i3 = v % S3
-    t = v // S3
-    i2 = t % S2
-    t = t // S2
-    return t // S1, t % S1, i2, i3
-
-
-@triton.jit
-def _voxel(n, i, j, k, sn, si, sj, sk):
-    """The int64 offset of voxel (n, i, j, k) of a (batch, channel, D, H, W) tensor."""
-    return (n.to(tl.int64) * sn + i.to(tl.int64) * si + j.to(tl.int64) * sj
-            + k.to(tl.int64) * sk)
-
-
-@triton.jit
 def _tap_input(mask, od, oh, ow, kd, kh, kw, D, H, W, SD: tl.constexpr, SH: tl.constexpr,
                SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
@@ -123,7 +108,7 @@ def conv_fwd_kernel(
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < NB * OD * OH * OW
-    n, od, oh, ow = _split(rm, OD, OH, OW)
+    n, od, oh, ow = unflatten_voxel(rm, OD, OH, OW)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rn < COUT
     qn = tl.load(q_co + rn, mask=mask_n, other=0)
@@ -133,7 +118,7 @@ def conv_fwd_kernel(
         kd, kh, kw = tap // (KH * KW), (tap // KW) % KH, tap % KW
         id_, ih, iw, valid = _tap_input(mask_m, od, oh, ow, kd, kh, kw, D, H, W, SD, SH, SW,
                                         PD, PH, PW, DD, DH, DW)
-        xrow = _voxel(n, id_, ih, iw, sxn, sxd, sxh, sxw)
+        xrow = voxel_offset(n, id_, ih, iw, sxn, sxd, sxh, sxw)
         pt, qt = tl.load(p_tap + tap), tl.load(q_tap + tap)
         for c0 in range(0, CIN, BLOCK_C):
             rc = c0 + tl.arange(0, BLOCK_C)
@@ -147,7 +132,7 @@ def conv_fwd_kernel(
             acc = _dot(xt, w.to(xt.dtype), acc, UPCAST)
     if HAS_BIAS:
         acc = acc + tl.load(bias + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    yrow = _voxel(n, od, oh, ow, syn, syd, syh, syw)
+    yrow = voxel_offset(n, od, oh, ow, syn, syd, syh, syw)
     tl.store(y + yrow[:, None] + rn[None, :].to(tl.int64) * syc, acc.to(y.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -178,7 +163,7 @@ def conv_dgrad_kernel(
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rm < NB * D * H * W
-    n, id_, ih, iw = _split(rm, D, H, W)
+    n, id_, ih, iw = unflatten_voxel(rm, D, H, W)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)      # input channels
     mask_n = rn < CIN
     pn = tl.load(p_ci + rn, mask=mask_n, other=0)
@@ -190,7 +175,7 @@ def conv_dgrad_kernel(
         oh, vh = _source(ih, PH, kh * DH, SH, OH)
         ow, vw = _source(iw, PW, kw * DW, SW, OW)
         valid = mask_m & vd & vh & vw
-        grow = _voxel(n, od, oh, ow, sgn, sgd, sgh, sgw)
+        grow = voxel_offset(n, od, oh, ow, sgn, sgd, sgh, sgw)
         pt, qt = tl.load(p_tap + tap), tl.load(q_tap + tap)
         for c0 in range(0, COUT, BLOCK_C):
             rc = c0 + tl.arange(0, BLOCK_C)           # output channels, the K loop
@@ -203,7 +188,7 @@ def conv_dgrad_kernel(
             g = tl.load(dy + grow[:, None] + rc[None, :].to(tl.int64) * sgc,
                         mask=valid[:, None] & mask_c[None, :], other=0.0)
             acc = _dot(g, w.to(g.dtype), acc, UPCAST)
-    xrow = _voxel(n, id_, ih, iw, sxn, sxd, sxh, sxw)
+    xrow = voxel_offset(n, id_, ih, iw, sxn, sxd, sxh, sxw)
     tl.store(dx + xrow[:, None] + rn[None, :].to(tl.int64) * sxc, acc.to(dx.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -235,11 +220,11 @@ def conv_wgrad_kernel(
     for v0 in range(v_start, tl.minimum(v_start + voxels_per_split, total), BLOCK_V):
         rv = v0 + tl.arange(0, BLOCK_V)
         mask_v = rv < total
-        n, od, oh, ow = _split(rv, OD, OH, OW)
+        n, od, oh, ow = unflatten_voxel(rv, OD, OH, OW)
         id_, ih, iw, valid = _tap_input(mask_v, od, oh, ow, kd, kh, kw, D, H, W, SD, SH, SW,
                                         PD, PH, PW, DD, DH, DW)
-        xrow = _voxel(n, id_, ih, iw, sxn, sxd, sxh, sxw)
-        grow = _voxel(n, od, oh, ow, sgn, sgd, sgh, sgw)
+        xrow = voxel_offset(n, id_, ih, iw, sxn, sxd, sxh, sxw)
+        grow = voxel_offset(n, od, oh, ow, sgn, sgd, sgh, sgw)
         xt = tl.load(x + rci[:, None].to(tl.int64) * sxc + xrow[None, :],
                      mask=mask_ci[:, None] & valid[None, :], other=0.0)
         g = tl.load(dy + grow[:, None] + rco[None, :].to(tl.int64) * sgc,

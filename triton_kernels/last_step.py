@@ -1,4 +1,4 @@
-"""The weight-sized step of an adapter's contraction, fused (fast-path design 1, Triton).
+"""The weight-sized step of an adapter's contraction, fused (the merged strategy, Triton).
 
 Every pairwise contraction of a tensor network is small except the last, whose output is the
 weight, and the first step of the reverse sweep, whose input is dL/dW. Both are batched GEMMs

@@ -1,0 +1,402 @@
+"""The paper's 3D DDPM fine-tuning as a training program (``tenvoo-fast finetune``).
+
+A run builds the UNet of a preset (random or ``--base-weights``), chooses what trains (an adapter
+method injected on the given targets, or a baseline that injects nothing: every parameter, the
+biases, or the norms), trains it with the paper's DDPM objective on phantoms or NIfTI volumes
+(ddpm-finetuning.md), and writes to its folder:
+
+- ``metrics.json``: parameter counts, per-step losses, validation loss, step time, peak memory,
+  backend and versions (also at each checkpoint, with ``status``);
+- ``adapter.safetensors`` (adapter methods) or ``trained.safetensors`` (baselines): the weights
+  of the latest checkpoint;
+- ``checkpoint.json`` and ``checkpoints/step-*/``: the latest checkpoint (weights and
+  ``state.pt``: optimizer, scaler, step, losses, every RNG state), published atomically
+  (:mod:`.run_checkpoint`, :mod:`.run_state`) every ``--save-every`` steps or
+  ``--save-every-minutes``, on SIGTERM/SIGINT and at the end; ``--resume`` continues from it
+  exactly as the uninterrupted run would have gone on.
+
+Launched by torchrun (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel, each process on
+its share of the volumes; only rank 0 reports and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..dispatch import (autotune, available_backends, current_backend, current_strategy,
+                        use_backend, use_strategy)
+from ..errors import RunError, one_line
+from ..files import write_json_atomic
+from ..model import (AdapterConfig, BaseMismatchWarning, adapter_layers, adapter_memory,
+                     available_memory, count_parameters, execution_plan, inject, load_adapter,
+                     unwrap)
+from ..model.config import METHODS as ADAPTER_METHODS
+from . import run_checkpoint
+from .data import training_volumes
+from .profiler import step_profiler
+from .run_state import (ADAPTER, METRICS, TRAINED, check_finite_parameters, prepare_out,
+                        read_state, restore, rng_states, run_identity, save_checkpoint,
+                        weights_name)
+from .system import gib, mix_seed, peak_memory_bytes, synchronize, versions
+from .training import (SCHEDULER, VAL_TIMESTEPS, Interrupted, NonFiniteLoss, PositionedSampler,
+                       Stopper, describe_interval, endless_batches, ignore_sigint,
+                       non_finite_message, optimizer_step, progress_bar, validation_loss)
+from .unets import DEFAULT_SIZES, build_unet, downsampling_factor
+from .weights import load_into
+
+#: Methods that inject nothing: every parameter, only biases, only parameters named "norm".
+BASELINES = ("full", "bias", "norm")
+
+
+METHODS = BASELINES + ADAPTER_METHODS
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+#: Optimizer steps left out of the median step time (allocator, kernel selection, autotuning).
+WARMUP_STEPS = 2
+
+
+#: Default checkpoint interval: every this many optimizer steps, or this many minutes, whichever
+#: comes first (and on SIGTERM/SIGINT, and at the end).
+SAVE_EVERY_STEPS = 500
+
+
+SAVE_EVERY_MINUTES = 10.0
+
+
+def run(opts: argparse.Namespace) -> dict:
+    """Fine-tune as ``opts`` (the ``tenvoo-fast finetune`` options) says; returns the metrics.
+
+    Raises :class:`RunError` (or :class:`AdapterError`) for anything the user can fix, before
+    training starts where it can be known then.
+    """
+    size = volume_size(opts.preset, opts.size)
+    if opts.spacing and not opts.data:
+        raise RunError("--spacing resamples NIfTI volumes and needs --data DIR; the synthetic "
+                       "phantoms are generated at --size")
+    device = torch.device(opts.device)
+    amp = opts.amp or ("bf16" if device.type == "cuda" else "none")
+    if amp == "fp16" and device.type != "cuda":
+        raise RunError("--amp fp16 needs a CUDA device (it trains with a gradient scaler); "
+                       "use --amp bf16 or --amp none on the CPU")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        with use_backend(getattr(opts, "backend", "auto")), \
+                use_strategy(getattr(opts, "strategy", None) or "auto", strict=False):
+            return _run(opts, size, amp, device, rank, world_size)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def volume_size(preset: str, size=None) -> tuple[int, ...]:
+    """``size`` (D, H, W), or the preset's default; raises :class:`RunError` unless every side
+    is a multiple of the UNet's downsampling factor."""
+    size = tuple(size or DEFAULT_SIZES[preset])
+    factor = downsampling_factor(preset)
+    if any(side % factor for side in size):
+        raise RunError(f"--size {' '.join(map(str, size))}: every side must be a multiple of "
+                       f"{factor} for the {preset} UNet (it halves each side "
+                       f"{int(math.log2(factor))} times)")
+    return size
+
+
+def base_unet(preset: str, base_weights: str | os.PathLike | None = None) -> nn.Module:
+    """The base UNet a run fine-tunes: ``preset``'s UNet with the weights in ``base_weights``,
+    or random weights (drawn from torch's global RNG: seed it first) with the output conv
+    re-initialised. ``tenvoo-fast sample`` builds its base with this too."""
+    model = build_unet(preset)
+    if base_weights:
+        load_into(model, base_weights, "--base-weights", f"the {preset} UNet")
+    else:
+        # MONAI zero-initialises the last conv (for training from scratch). Frozen at zero, as
+        # in adapter fine-tuning of random base weights, it would stop every gradient.
+        for module in model.out.modules():
+            if isinstance(module, nn.Conv3d):
+                module.reset_parameters()
+    return model
+
+
+def _run(opts, size, amp, device, rank, world_size) -> dict:
+    out = Path(opts.out)
+    main = rank == 0
+    say = print if main else (lambda *args, **kwargs: None)
+    identity = run_identity(opts, size, amp, world_size)
+    if main:
+        prepare_out(out, opts)
+    if world_size > 1:
+        torch.distributed.barrier()  # rank 0 has checked and cleaned the folder
+    state = read_state(out, identity, world_size) if opts.resume else None
+    train_set, val_set, data_description = training_volumes(
+        size, opts.seed, data=opts.data, num_volumes=opts.num_volumes, spacing=opts.spacing)
+
+    torch.manual_seed(opts.seed)  # the same base weights on every rank and on resume
+    model = _build_model(opts, state)
+    trainable, total = count_parameters(model), count_parameters(model, trainable_only=False)
+    n_layers = len(adapter_layers(model))
+    adapter = opts.method in ADAPTER_METHODS
+    say(f"tenvoo-fast finetune: {opts.method}" + (f" (rank {opts.rank})" if adapter else "")
+        + f" on the {opts.preset} UNet, {'x'.join(map(str, size))} volumes, {device}, "
+          f"amp {amp}, {world_size} process(es)")
+    say(f"data: {data_description}")
+    say(f"parameters: {trainable:,} trainable of {total:,} total; {n_layers} adapted layers")
+    say(f"backend: {current_backend()} (available: {', '.join(available_backends())})")
+    metrics = dict(
+        preset=opts.preset, size=list(size), method=opts.method, rank=identity["rank"],
+        targets=identity["targets"], trainable=identity["trainable"], amp=amp, device=str(device),
+        world_size=world_size, backend=current_backend(), strategy=current_strategy(),
+        data=data_description,
+        num_train=len(train_set), num_val=len(val_set), lr=opts.lr, batch_size=opts.batch_size,
+        accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,
+        total_params=total, adapted_layers=n_layers, versions=versions())
+
+    if opts.dry_run:
+        metrics.update(steps=0, losses=[], val_loss=None, step_time_s=None, volumes_per_s=None,
+                       peak_memory_bytes=peak_memory_bytes(device), status="dry run")
+        if main:
+            write_json_atomic(out / METRICS, metrics)
+        say(f"dry run: nothing trained; wrote {out / METRICS}")
+        return metrics
+
+    from monai.inferers import DiffusionInferer
+    from monai.networks.schedulers import DDPMScheduler
+
+    model.to(device)
+    if world_size > 1:
+        # Buffers (frozen adapter copies) never change, so they need no per-step broadcast.
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=opts.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    # Noise and timesteps come from their own generator (distinct per rank); the data order
+    # from the sampler's seed and epoch and the position in the epoch. Both are checkpointed,
+    # so a resumed run draws exactly what the uninterrupted one would have.
+    noise_rng = torch.Generator(device).manual_seed(mix_seed(opts.seed, rank))
+    run = dict(step=0, losses=[], lr_history=[[1, opts.lr]])
+    if state is not None:
+        run = restore(state, rank, optimizer, scaler, noise_rng, opts.lr, say)
+    start = run["step"]
+    sampler = PositionedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                seed=opts.seed)
+    loader = DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
+                        num_workers=opts.workers, persistent_workers=opts.workers > 0,
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
+                        generator=torch.Generator().manual_seed(mix_seed(opts.seed, rank, 1)))
+    steps = math.ceil(opts.epochs * len(loader) / opts.accum) if opts.epochs else opts.steps
+    steps = max(steps, start)  # a resumed run never goes back
+    inferer = DiffusionInferer(DDPMScheduler(**SCHEDULER))
+    autocast = partial(torch.autocast, device.type, dtype=AMP_DTYPES[amp],
+                       enabled=AMP_DTYPES[amp] is not None)
+    batches = endless_batches(loader, consumed=start * opts.accum)
+    say(f"training: optimizer steps {start} -> {steps}, batch {opts.batch_size} x accum "
+        f"{opts.accum} x {world_size} process(es), Adam lr {opts.lr:g}")
+    say("checkpoints: " + describe_interval(opts) + f", and on SIGTERM/SIGINT, into {out}")
+
+    if getattr(opts, "autotune", False):
+        _autotune(model, train_set, inferer, autocast, opts, device, say)
+        metrics["autotune"] = autotune.decisions()
+
+    base_origin = {"preset": opts.preset, "seed": opts.seed,
+                   "base_weights": identity["base_weights"]}
+
+    def checkpoint(step: int, status: str) -> None:
+        """Save step ``step`` as one checkpoint (all ranks take part: RNG states are gathered)."""
+        check_finite_parameters(model, step, out)
+        rng = rng_states(noise_rng)
+        ranks = [rng]
+        if world_size > 1:
+            ranks = [None] * world_size
+            torch.distributed.all_gather_object(ranks, rng)
+        if main:
+            run.update(step=step, rng=ranks)
+            save_checkpoint(out, model, optimizer, scaler, run, identity, base_origin)
+            metrics.update(steps=step, losses=run["losses"], status=status,
+                           lr_history=run["lr_history"])
+            write_json_atomic(out / METRICS, metrics)
+
+    times = []
+    stopper = Stopper(opts, device, world_size)
+    profiler = step_profiler(out, device, steps - start, say) if opts.profile and main else None
+    bar = progress_bar(start, steps, enabled=main and sys.stderr.isatty())
+    stopped = None
+    try:
+        with stopper, profiler or nullcontext():
+            for step in range(start + 1, steps + 1):
+                synchronize(device)
+                began = time.perf_counter()
+                try:
+                    loss, volumes = optimizer_step(model, batches, inferer, optimizer, scaler,
+                                                    autocast, opts.accum, device, world_size,
+                                                    noise_rng)
+                except NonFiniteLoss as e:
+                    raise RunError(non_finite_message(e, step, model, out)) from None
+                synchronize(device)
+                times.append(time.perf_counter() - began)
+                run["losses"].append(loss)
+                memory = peak_memory_bytes(device)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", vol_s=f"{volumes / times[-1]:.2f}",
+                                    mem=gib(memory))
+                    bar.update()
+                elif step % opts.log_every == 0 or step == steps:
+                    say(f"step {step}/{steps}  loss {loss:.4f}  {volumes / times[-1]:.2f} vol/s  "
+                        f"peak memory {gib(memory)}")
+                if profiler is not None:
+                    profiler.step()
+                save_due, signum = stopper.poll(step)
+                if signum is not None and step < steps:
+                    stopped = signum
+                    checkpoint(step, f"interrupted by {signal.Signals(signum).name}")
+                    break
+                if save_due and step < steps:
+                    checkpoint(step, "running")
+                    stopper.saved()
+    finally:
+        if bar is not None:
+            bar.close()
+    if stopped is not None:
+        name = signal.Signals(stopped).name
+        say(f"{name} at step {step}/{steps}: checkpoint saved in {out}; continue with the same "
+            "command and --resume")
+        raise Interrupted(128 + stopped)
+
+    checkpoint(steps, "trained; validating")
+    step_time = statistics.median(times[WARMUP_STEPS:]) if len(times) > WARMUP_STEPS else None
+    volumes_per_step = opts.batch_size * opts.accum * world_size
+    val_loss = (validation_loss(unwrap(model), val_set, inferer, autocast, device, opts.seed)
+                if main else None)
+    metrics.update(val_loss=val_loss, step_time_s=step_time, lr_history=run["lr_history"],
+                   volumes_per_s=volumes_per_step / step_time if step_time else None,
+                   peak_memory_bytes=peak_memory_bytes(device),
+                   execution=execution_plan(model), status="finished")
+    say("validation loss: " + (
+        f"{val_loss:.4f} ({len(val_set)} volume(s) x {VAL_TIMESTEPS} timesteps)"
+        if val_loss is not None else "n/a (no validation volume)"))
+    say(f"median step time (excluding {WARMUP_STEPS} warm-up steps): "
+        + (f"{step_time * 1000:.1f} ms, {volumes_per_step / step_time:.2f} volumes/s"
+           if step_time else "n/a (too few steps)")
+        + f"; peak memory {gib(metrics['peak_memory_bytes'])}"
+        + (" (allocated)" if device.type == "cuda" else " (RSS)"))
+    if main:
+        write_json_atomic(out / METRICS, metrics)
+        say(f"wrote {out / METRICS}, {out / weights_name(identity)} and the checkpoint of step "
+            f"{steps} ({out / run_checkpoint.MANIFEST})")
+    return metrics
+
+
+def _build_model(opts, state: dict | None) -> nn.Module:
+    """The preset's UNet with base weights, adapters (or baseline trainables) and, when
+    resuming, the trained weights of the checkpoint ``state`` came from."""
+    model = base_unet(opts.preset, opts.base_weights)
+    folder = state["folder"] if state is not None else None
+    if opts.method in BASELINES:
+        for name, p in model.named_parameters():
+            p.requires_grad_(opts.method == "full"
+                             or (opts.method == "bias" and name.rsplit(".", 1)[-1] == "bias")
+                             or (opts.method == "norm" and "norm" in name.lower()))
+        if folder is not None:
+            _load_trained(model, folder / TRAINED)
+    elif folder is not None:
+        _load_checkpoint_adapter(model, folder / ADAPTER, opts)
+    else:
+        config = AdapterConfig(method=opts.method, rank=opts.rank,
+                               target_modules=list(opts.targets),
+                               trainable=tuple(opts.trainable))
+        if not opts.dry_run:
+            _check_training_memory(model, config, opts)
+        inject(model, config)
+    return model
+
+
+def _check_training_memory(model, config: AdapterConfig, opts) -> None:
+    """Refuse, before building them, adapters whose training state does not fit the device:
+    each core also has a gradient and Adam's two moments (4x the cores) beside the frozen
+    copies. (``inject`` itself checks only what building allocates.)"""
+    cores, frozen = adapter_memory(model, config)
+    need = 4 * cores + frozen
+    device = torch.device(opts.device)
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise RunError(f"--rank {opts.rank}: training these adapters needs about "
+                       f"{need / 2**30:.1f} GiB on {device} (cores, their gradients and Adam's "
+                       f"two moments, frozen copies) but only {free / 2**30:.1f} GiB are free; "
+                       "use a smaller --rank or fewer --targets")
+
+
+def _load_checkpoint_adapter(model, path: Path, opts) -> None:
+    """Load the checkpoint's adapter, warning (or with ``--strict-base`` refusing) when the base
+    weights differ from those it was trained on."""
+    mode = "error" if getattr(opts, "strict_base", False) else "warn"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BaseMismatchWarning)
+        load_adapter(model, path, base_mismatch=mode)
+    for w in caught:
+        if issubclass(w.category, BaseMismatchWarning):
+            print(f"warning: --resume: {one_line(w.message)}; pass --strict-base to make this an "
+                  "error", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _load_trained(model: nn.Module, path: Path) -> None:
+    """Copy a baseline's saved trained parameters into ``model``."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise RunError(f"--resume: {path} is missing; the run folder is incomplete")
+    params = dict(model.named_parameters())
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise RunError(f"--resume: {path} is not a readable safetensors file ({one_line(e)})"
+                       ) from e
+    trained = {n for n, p in params.items() if p.requires_grad}
+    if set(tensors) != trained or any(params[n].shape != t.shape for n, t in tensors.items()):
+        raise RunError(f"--resume: {path} does not hold this model's trainable parameters")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+
+def _autotune(model, train_set, inferer, autocast, opts, device, say) -> None:
+    """Time every backend and strategy on each adapted layer's input for one training-shaped
+    batch (its own noise and timesteps, so the training stream is unchanged); cache the
+    fastest for the run."""
+    example = torch.as_tensor(train_set[0])
+    images = example.unsqueeze(0).expand(opts.batch_size, *example.shape).to(device)
+    gen = torch.Generator(device).manual_seed(opts.seed)
+    noise = torch.randn(images.shape, generator=gen, device=device)
+    timesteps = torch.randint(0, SCHEDULER["num_train_timesteps"], (images.shape[0],),
+                              generator=gen, device=device)
+    began = time.perf_counter()
+    with autocast():
+        chosen = autotune.tune(model, lambda: inferer(inputs=images, diffusion_model=model,
+                                                      noise=noise, timesteps=timesteps))
+    counts: dict[str, int] = {}
+    for d in chosen:
+        counts[d["choice"]] = counts.get(d["choice"], 0) + 1
+    say(f"autotune: {len(chosen)} distinct layer shapes timed in "
+        f"{time.perf_counter() - began:.1f} s; chose " +
+        ", ".join(f"{c} for {n}" for c, n in sorted(counts.items())))

@@ -1,0 +1,184 @@
+"""The fine-tuning program's options: argument types that fail in one line, the ``finetune``
+options (shared by ``tenvoo-fast finetune`` and each run of ``tenvoo-fast profile``) and the
+device check."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from ..dispatch import STRATEGIES
+from ..errors import RunError, one_line
+from ..model.presets import PAPER_DDPM_TARGETS
+from .finetune import AMP_DTYPES, METHODS, SAVE_EVERY_MINUTES, SAVE_EVERY_STEPS
+from .profiler import PROFILE_STEPS
+from .unets import DEFAULT_SIZES
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like the commands' own errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+#: The devices the commands run on.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(text: str) -> torch.device:
+    """``--device TEXT`` as a torch device the commands can run on; a RunError otherwise."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise RunError(f"--device {text}: not a torch device ({one_line(e)}); use cpu or "
+                       "cuda") from None
+    if device.type not in DEVICE_TYPES:
+        raise RunError(f"--device {text}: tenvoo-fast runs on cpu or cuda devices, not "
+                       f"{device.type}; use --device cpu or --device cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {text}: no CUDA device is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s), numbered from 0")
+    return device
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, unless there is none to show (None, a flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``finetune`` options, with their defaults."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", choices=("paper", "tiny"), default="paper",
+                       help="the paper's 166.7M-parameter UNet, or a tiny one for CPUs")
+    model.add_argument("--method", choices=METHODS, default="tenvoo-l",
+                       help="adapter method; full/bias/norm inject nothing and train all "
+                            "parameters / only biases / only parameters named 'norm'")
+    model.add_argument("--rank", type=int, default=4, help="adapter rank")
+    model.add_argument("--targets", type=comma_list, default=",".join(PAPER_DDPM_TARGETS),
+                       help="comma-separated regular expressions of the layers to adapt")
+    model.add_argument("--trainable", type=comma_list, default="bias,norm",
+                       help="what trains besides the adapter cores: comma list of bias, norm, "
+                            "all")
+    model.add_argument("--base-weights", metavar="PATH",
+                       help="torch state_dict of the UNet, loaded before injection "
+                            "(default: random weights)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR",
+                      help="folder of NIfTI volumes (.nii, .nii.gz); default: synthetic phantoms")
+    data.add_argument("--num-volumes", type=positive_int, default=20,
+                      help="number of synthetic phantoms")
+    data.add_argument("--size", type=positive_int, nargs=3, metavar=("D", "H", "W"),
+                      help="volume size; default "
+                           + ", ".join(f"{'x'.join(map(str, v))} ({k})"
+                                       for k, v in DEFAULT_SIZES.items()))
+    data.add_argument("--spacing", type=positive_float, nargs=3, metavar=("SD", "SH", "SW"),
+                      help="resample NIfTI volumes to this voxel size (mm), then pad/crop to "
+                           "--size; default: resize the whole volume to --size")
+    data.add_argument("--workers", type=non_negative_int, default=0,
+                      help="DataLoader worker processes")
+    train = parser.add_argument_group("training")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, default=100,
+                        help="optimizer steps in total (a resumed run continues to this)")
+    length.add_argument("--epochs", type=positive_float, help="train for this many epochs")
+    train.add_argument("--lr", type=positive_float, default=5e-5, help="Adam learning rate")
+    train.add_argument("--batch-size", type=positive_int, default=1, help="volumes per batch")
+    train.add_argument("--accum", type=positive_int, default=4,
+                       help="gradient-accumulation micro-batches per optimizer step")
+    train.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seed for base weights, phantoms, data split and noise")
+    train.add_argument("--device", default=default_device(),
+                       help="torch device")
+    train.add_argument("--backend", default="auto",
+                       help="adapter backend: auto (the fastest that can run each layer) or one "
+                            "of tenvoo_fast.available_backends(), e.g. reference")
+    train.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                       help="how the fast backends run each adapted layer: merged weight, "
+                            "factorized (adapter on the activations), implicit-gemm (the "
+                            "Triton conv generating its weight tiles; backend triton), or auto "
+                            "(per layer); layers that cannot run the named one run merged")
+    train.add_argument("--autotune", action="store_true",
+                       help="before training, time every backend and strategy on each adapted "
+                            "layer's real input and use the fastest (tenvoo_fast.autotune)")
+    train.add_argument("--amp", choices=tuple(AMP_DTYPES),
+                       help="autocast dtype; default bf16 on a GPU, none on the CPU (fp16 uses a "
+                            "gradient scaler and needs a GPU)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="runs/finetune", metavar="DIR", help="output folder")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run saved in --out (same model and method)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out (without it, a folder holding a "
+                          "checkpoint is refused unless --resume)")
+    run.add_argument("--save-every", type=non_negative_int,
+                     default=SAVE_EVERY_STEPS, metavar="N",
+                     help="checkpoint every N optimizer steps (0: not by steps); a checkpoint "
+                          "is also written every --save-every-minutes, on SIGTERM/SIGINT and at "
+                          "the end")
+    run.add_argument("--save-every-minutes", type=non_negative_float,
+                     default=SAVE_EVERY_MINUTES, metavar="M",
+                     help="checkpoint when M minutes have passed since the last one (0: not "
+                          "by time)")
+    run.add_argument("--strict-base", action="store_true",
+                     help="with --resume, refuse (instead of warning about) base weights other "
+                          "than those the checkpoint's adapter was trained on")
+    run.add_argument("--log-every", type=positive_int, default=10, metavar="N",
+                     help="without a terminal, print a progress line every N steps")
+    run.add_argument("--dry-run", action="store_true",
+                     help="build, inject, count and write metrics.json; no training")
+    run.add_argument("--profile", action="store_true",
+                     help=f"profile {PROFILE_STEPS} optimizer steps after a warm-up "
+                          "step: DIR/trace.json (Chrome trace) and DIR/profile.txt")
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    """A parser of the ``finetune`` options alone (``tenvoo-fast profile`` builds each method's
+    run with it, so every run gets finetune's defaults)."""
+    parser = Parser(prog="tenvoo-fast finetune", formatter_class=HelpFormatter)
+    add_finetune_arguments(parser)
+    return parser

@@ -1,0 +1,53 @@
+"""The strategies' cost models: estimated extra flops of one fwd+bwd over the frozen layer's.
+
+:mod:`.strategy` picks the cheapest strategy per layer and shape by these under ``auto`` (a
+measured decision, :mod:`.autotune`, replaces them where it has run).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from ..contraction.partition import channel_letters, partition
+from ..contraction.prereduce import plan
+from ..contraction.sweep import path_flops
+
+
+@lru_cache(maxsize=1024)
+def linear_costs(network, tokens: int, activation_equation: str) -> dict[str, int]:
+    """Estimated extra flops of one fwd+bwd over the frozen layer's, per strategy.
+
+    merged: the build twice (forward, and again in backward), the reverse sweep (about two
+    builds) and the dL/dW GEMM (2·tokens·in·out). factorized: the adapter on the activations
+    for θ and θ0 in forward, then in backward both again plus their reverse sweeps (about
+    seven applications in all; the base GEMMs are the frozen layer's own).
+    """
+    shapes = tuple(tuple(c.shape) for c in network.cores)
+    out_f, in_f = network.weight_shape
+    build = path_flops(network.equation, shapes)
+    act_eq = activation_equation.replace("...", "t")
+    act = path_flops(act_eq, ((tokens, *network.meta["in_factors"]), *shapes))
+    return {"merged": 4 * build + 2 * tokens * in_f * out_f, "factorized": 7 * act}
+
+
+@lru_cache(maxsize=4096)
+def conv_costs(network, x_shape: tuple, out_spatial: tuple) -> dict[str, int]:
+    """Estimated extra flops of one fwd+bwd over the frozen conv's (forward + input gradient),
+    per strategy, for an input of ``x_shape`` and an output of ``out_spatial`` voxels.
+
+    merged: the weight built twice and swept back once (about four builds, opt_einsum's
+    count) plus the dL/dW pass, as costly as the conv itself. factorized: the three maps of
+    A(x) = V·conv(U·x, K) (2 flops per multiply-add), run about seven times (θ and θ0 in
+    forward; in backward θ's recompute, input and block gradients and θ0's recompute and
+    input gradient). Cached per network and shapes (the path search costs milliseconds).
+    """
+    cout, cin, *k = network.weight_shape
+    n = x_shape[0]
+    vin, vout = n * math.prod(x_shape[2:]), n * math.prod(out_spatial)
+    kvol = math.prod(k)
+    p = plan(network.equation, network.shapes)
+    part = partition(p.equation, p.shapes, *channel_letters(network))
+    merged = 4 * path_flops(p.equation, p.shapes) + 2 * vout * cin * cout * kvol
+    path = 2 * (vin * cin * part.rank_u + vout * part.rank_u * part.rank_v * kvol
+                + vout * part.rank_v * cout)
+    return {"merged": merged, "factorized": 7 * path}

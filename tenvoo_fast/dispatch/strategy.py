@@ -1,0 +1,121 @@
+"""How a fast backend executes an adapted layer: the strategies, and how one is chosen.
+
+- ``"merged"``: build ``W - T(θ0) + T(θ)`` and run the framework's conv/linear on it; backward
+  turns dL/dW into the cores' gradients (:mod:`tenvoo_fast.ops.merged`).
+- ``"factorized"``: apply the adapter to the activations beside the frozen base layer; no
+  weight-sized tensor and no dL/dW at all (:mod:`tenvoo_fast.ops.factorized`).
+- ``"implicit-gemm"``: a Triton implicit-GEMM conv that generates the weight tiles from the cores
+  on chip (:mod:`tenvoo_fast.ops.implicit_gemm`; ``triton`` backend only).
+- ``"auto"`` (default): per layer and input shape, a measured choice (:mod:`.autotune`) where
+  there is one, else the cheaper of merged and factorized by the flop models of :mod:`.costs`.
+  It does not pick implicit-gemm: no flop model says how a Triton conv compares with cuDNN's,
+  so only a measurement or ``use_strategy`` selects it.
+
+A layer's class declares the strategies its family implements (``strategies``); a layer that
+cannot run a forced strategy raises and says which it can run. The ``reference`` backend always
+runs the published einsum and has no strategy.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..contraction.generation import unsupported_reason as implicit_gemm_reason
+from ..errors import AdapterError
+from . import context
+from .costs import conv_costs, linear_costs
+
+STRATEGIES = ("auto", "merged", "factorized", "implicit-gemm")
+
+
+def validate(name: str) -> str:
+    if name not in STRATEGIES:
+        raise AdapterError(f"unknown strategy {name!r}; use one of {list(STRATEGIES)}")
+    return name
+
+
+def unsupported(layer, name: str, impl: str | None) -> str | None:
+    """None if ``layer`` can run strategy ``name`` with kernels ``impl``, else why not."""
+    if name not in layer.strategies:
+        return (f"'{name}' is not implemented for {layer.network.method} on a "
+                f"{type(layer).__name__} (it runs {list(layer.strategies)})")
+    if name != "implicit-gemm":
+        return None
+    if impl != "triton":
+        return ("'implicit-gemm' runs Triton kernels: use backend 'triton' (a CUDA GPU, or "
+                "TRITON_INTERPRET=1 on the CPU)")
+    if torch.are_deterministic_algorithms_enabled():
+        return ("'implicit-gemm' adds its weight-gradient partials atomically, in no fixed "
+                "order, and deterministic algorithms are on (torch.use_deterministic_algorithms)")
+    return _implicit_gemm_reason(layer.network)
+
+
+def supported_strategies(layer, impl: str | None = None) -> tuple[str, ...]:
+    """The strategies a fast backend whose kernels are ``impl`` can run ``layer`` with."""
+    return tuple(s for s in STRATEGIES[1:] if unsupported(layer, s, impl) is None)
+
+
+@torch.compiler.assume_constant_result
+def _implicit_gemm_reason(network) -> str | None:
+    return _implicit_gemm_reason_cached(network)
+
+
+@functools.lru_cache(maxsize=None)
+def _implicit_gemm_reason_cached(network) -> str | None:
+    reason = implicit_gemm_reason(network)
+    return None if reason is None else f"'implicit-gemm' cannot run this network: {reason}"
+
+
+# The choices depend only on the network and static shapes: under torch.compile they are made
+# once at trace time and baked into the graph as constants.
+@torch.compiler.assume_constant_result
+def _cheapest_linear(network, tokens: int, activation_equation: str) -> str:
+    costs = linear_costs(network, tokens, activation_equation)
+    return min(costs, key=costs.get)
+
+
+@torch.compiler.assume_constant_result
+def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple) -> str:
+    costs = conv_costs(network, x_shape, out_spatial)
+    return min(costs, key=costs.get)
+
+
+def linear_strategy(layer, tokens: int, impl: str | None = None) -> str:
+    """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input."""
+    return _record(layer, _choose(layer, impl, lambda: _cheapest_linear(
+        layer.network, max(int(tokens), 1), layer.activation_equation)))
+
+
+def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None) -> str:
+    """The strategy ``layer`` (an adapted Conv3d) runs with for an input of ``x_shape``, when
+    ``impl`` runs the fast paths' heavy steps."""
+    return _record(layer, _choose(
+        layer, impl, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
+                                            tuple(int(n) for n in out_spatial))))
+
+
+def _record(layer, choice: str) -> str:
+    if not torch.compiler.is_compiling():
+        layer.execution_strategy = choice
+    return choice
+
+
+def _choose(layer, impl, cheapest) -> str:
+    """The current strategy if forced (checked against what the layer can run), else a
+    measured decision (autotune), else ``cheapest()`` (the flop model)."""
+    name = context.current_strategy()
+    if name != "auto":
+        reason = unsupported(layer, name, impl)
+        if reason is None:
+            return name
+        if not context.CONTEXT.strict:
+            return "merged"
+        raise AdapterError(f"{layer.adapter_name}: strategy {reason}; use one of "
+                           f"{list(supported_strategies(layer, impl))} or 'auto'")
+    if "factorized" not in supported_strategies(layer, impl):
+        return "merged"
+    choice = context.CONTEXT.tuned
+    if choice is not None and choice in supported_strategies(layer, impl):
+        return choice
+    return cheapest()

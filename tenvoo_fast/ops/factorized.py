@@ -1,0 +1,245 @@
+"""The ``factorized`` strategy's ops: the adapter applied to the activations beside the frozen
+base layer, so that no weight-sized tensor and no dL/dW exist.
+
+QuanTA on a Linear (:func:`factorized_linear`): the three gates applied to x viewed as
+(..., n1, n2, n3), the published activation form.
+
+TenVOO on a Conv3d (:func:`factorized_conv3d`): ``conv3d(x, ΔW) = V · conv3d(U · x, K)`` with
+the network's input, tap and output blocks (:mod:`tenvoo_fast.contraction.partition`), so the
+adapter runs on the activations beside the frozen base conv and no weight-sized tensor, and no
+dL/dW pass, exists at all. The frozen copy is applied the same way and subtracted
+(``A(x; θ) - A(x; θ0)``), so at initialisation the layer returns its base conv's output
+exactly. The adapter term is computed in fp32 (fp64 for fp64 layers); the base conv in the
+input's dtype. Backward recomputes the rank-sized maps from the saved input instead of keeping
+them, and turns the blocks' gradients into every core's through their own reverse sweeps.
+
+Only the 1x1x1 maps touch activation-sized tensors (Cin or Cout channels per voxel); the rest
+is rank-sized. ``impl`` picks who runs those maps (:func:`tenvoo_fast.kernels.activation_maps`):
+torch (which converts x to fp32 and forms the adapter term as a tensor), or the fused Triton
+kernels, which read x, dy and the base conv's output once each in their own dtype and layout,
+project onto θ's and θ0's ranks in one pass, add ``scale·(V·z2 - V0·z2_0)`` into the base
+output in place, and reduce the U and V blocks' gradients without an fp32 copy of x or dy. The
+rank-sized conv with K runs in torch (cuDNN), without TF32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import kernels
+from ..contraction import sweep
+from ..contraction.partition import partition
+from ..contraction.prereduce import reduced_cores, stored_grads
+from ..contraction.reference import contraction_dtype, ieee_fp32
+from .autograd import register_recompute_autograd
+from .geometry import (ConvGeometry, check_linear_args, register_cores_conv_fake, input_grad_like,
+                       memory_format)
+
+
+def _block(equation, cores, idx):
+    """(steps, nodes, result) of one block's contraction (kept for its reverse sweep)."""
+    ops = [cores[i] for i in idx]
+    if len(ops) == 1:    # a single core: its einsum is a permutation (or a sum)
+        return None, None, torch.einsum(equation, ops[0])
+    return sweep.contract(equation, ops)
+
+
+def _block_grads(equation, cores, idx, state, grad):
+    steps, nodes, _ = state
+    if steps is None:
+        term, out = equation.split("->")
+        return [sweep.grad_operand(grad, out, grad.new_ones(()), "", term, cores[idx[0]].shape)]
+    return sweep.operand_grads(steps, nodes, len(idx), grad)
+
+
+def _maps(part, cores, cin, cout, taps):
+    """U as an (R_U, Cin) matrix, K as an (R_V, R_U, kD, kH, kW) kernel, V as a (Cout, R_V)
+    matrix, and the block states for the reverse sweep."""
+    su = _block(part.u_equation, cores, part.u_cores)
+    sk = _block(part.k_equation, cores, part.k_cores)
+    sv = _block(part.v_equation, cores, part.v_cores)
+    u = su[2].reshape(cin, part.rank_u).t()
+    k = sk[2].reshape(part.rank_u, -1, part.rank_v).permute(2, 0, 1).reshape(
+        part.rank_v, part.rank_u, *taps)
+    v = sv[2].reshape(cout, part.rank_v)
+    return (u, k, v), (su, sk, sv)
+
+
+def _setup(cores, frozen, equation, letters, base):
+    """(plan, partition, reduced cores, θ's maps and block states, θ0's maps or Nones; θ0's
+    are not contracted when ``frozen`` is empty)."""
+    p, _, reduced = reduced_cores(cores, equation)
+    part = partition(p.equation, tuple(tuple(c.shape) for c in reduced), *letters.split(","))
+    cout, cin, *taps = base.shape
+    maps, states = _maps(part, reduced, cin, cout, taps)
+    maps0 = (None, None, None)
+    if frozen:
+        maps0 = _maps(part, reduced_cores(frozen, equation)[2], cin, cout, taps)[0]
+    return p, part, reduced, maps, states, maps0
+
+
+@torch.library.custom_op("tenvoo_fast::factorized_conv3d", mutates_args=())
+def factorized_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
+                      bias: Optional[Tensor], equation: str, letters: str, scale: float,
+                      conv: list[int], impl: str) -> Tensor:
+    """``conv3d(x, W, bias) + scale * (A(x; θ) - A(x; θ0))`` with ``A = V·conv(U·x, K)`` (see the
+    module docstring); ``letters`` = "out,in,tap" letters (e.g. ``"ABC,abc,xyz"``), ``conv`` =
+    stride + padding + dilation (9 ints); ``frozen``: the frozen cores (empty: no frozen copy);
+    ``impl`` runs the activation-sized maps."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        *_, (u, k, v), _, (u0, k0, v0) = _setup(cores, frozen, equation, letters, base)
+        run = kernels.activation_maps(impl)
+        geo = ConvGeometry.unpack(conv)
+        stride, padding, dilation = geo.stride, geo.padding, geo.dilation
+        layout = memory_format(x)
+        # The base conv under the caller's settings (as the frozen layer would run it).
+        y = F.conv3d(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype), stride,
+                     padding, dilation)
+        z1, z1_0 = run.project(x, u, u0, memory_format=layout)
+        with ieee_fp32():
+            z2 = F.conv3d(z1, k, None, stride, padding, dilation)
+            z2_0 = F.conv3d(z1_0, k0, None, stride, padding, dilation) if frozen else None
+        return run.add_expanded(y, z2, v, z2_0, v0, scale).contiguous(memory_format=layout)
+
+
+register_cores_conv_fake(factorized_conv3d)
+
+
+@torch.library.custom_op("tenvoo_fast::factorized_conv3d_backward", mutates_args=())
+def factorized_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
+                               frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
+                               need_bias: bool, equation: str, letters: str, scale: float,
+                               conv: list[int], impl: str) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of :func:`factorized_conv3d`, recomputing z1 = U·x and
+    z2 = conv(z1, K) from the saved input. The blocks' gradients (dV = g ⊗ z2, dK from the
+    small conv's weight gradient, dU = x ⊗ dz1) give every core's by each block's reverse
+    sweep; the input gradient is the base conv's plus Uᵀ·dz1 (minus θ0's), added in place."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        frozen_x = bool(frozen) and need_x
+        p, part, reduced, (u, k, v), states, (u0, k0, v0) = _setup(
+            cores, frozen if frozen_x else [], equation, letters, base)
+        run = kernels.activation_maps(impl)
+        geo = ConvGeometry.unpack(conv)
+        stride, padding, dilation = geo.stride, geo.padding, geo.dilation
+        layout = memory_format(x)
+        g = grad_out.to(x.dtype)
+        # x and dy each feed a projection and an outer product: converted once (torch maps).
+        xa, ga = run.operand(x, u.dtype), run.operand(g, u.dtype)
+        z1 = run.project(xa, u, memory_format=layout)[0]
+        with ieee_fp32():
+            z2 = F.conv3d(z1, k, None, stride, padding, dilation)
+        gz2, gz2_0 = run.project(ga, v.t(), v0.t() if frozen_x else None, scale,
+                                 memory_format=layout)
+
+        def small_conv_backward(grad, weight, need_weight):
+            with ieee_fp32():
+                return torch.ops.aten.convolution_backward(
+                    grad, z1, weight, None, stride, padding, dilation, False, [0, 0, 0], 1,
+                    [True, need_weight, False])
+
+        gz1, gk, _ = small_conv_backward(gz2, k, True)
+        block_grads = [
+            run.outer(xa, gz1).reshape(states[0][2].shape),
+            gk.reshape(part.rank_v, part.rank_u, -1).permute(1, 2, 0).reshape(states[1][2].shape),
+            run.outer(ga, z2, scale).reshape(states[2][2].shape)]
+        grads = [None] * len(reduced)
+        for (eq, idx), st, gb in zip(((part.u_equation, part.u_cores),
+                                      (part.k_equation, part.k_cores),
+                                      (part.v_equation, part.v_cores)), states, block_grads):
+            for i, gi in zip(idx, _block_grads(eq, reduced, idx, st, gb)):
+                grads[i] = gi
+        core_grads = stored_grads(p, grads, cores)
+        gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
+        if need_x:
+            gx = torch.ops.aten.convolution_backward(
+                g, x, base.to(x.dtype), None, stride, padding, dilation, False, [0, 0, 0], 1,
+                [True, False, False])[0]
+            gz1_0 = small_conv_backward(gz2_0, k0, False)[0] if frozen_x else None
+            gx = run.add_expanded(gx, gz1, u.t(), gz1_0, u0.t() if frozen_x else None)
+            gx = gx.contiguous(memory_format=layout)
+        gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else x.new_empty(0)
+        return [gx, gb] + core_grads
+
+
+register_recompute_autograd(factorized_conv3d, factorized_conv3d_backward, input_grad_like)
+
+
+# -- QuanTA on Linear: the gates applied to the activations ----------------------------------
+def _token_equation(equation: str) -> str:
+    """``"...abc,...->...ghi"`` with the ellipsis replaced by one token letter."""
+    letter = next(c for c in "tTuvwxyzjklmnopqrs" if c not in equation)
+    return equation.replace("...", letter)
+
+
+def _factorized_x(x: Tensor, eq: str, cores: list[Tensor]) -> Tensor:
+    """x as (tokens, *input axes) in the contraction dtype."""
+    terms = eq.split("->")[0].split(",")
+    sizes = {l: n for t, c in zip(terms[1:], cores) for l, n in zip(t, c.shape)}
+    return x.reshape(-1, *[sizes[l] for l in terms[0][1:]]).to(contraction_dtype(cores))
+
+
+def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
+    return sweep.contract(eq, [x3, *cores])[2].reshape(x3.shape[0], -1)
+
+
+@torch.library.custom_op("tenvoo_fast::factorized_linear", mutates_args=())
+def factorized_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
+                      bias: Optional[Tensor], equation: str, scale: float) -> Tensor:
+    """``linear(x, W) + scale * (A(x; θ) - A(x; θ0))`` with A the adapter applied to the
+    activations (``equation``, e.g. QuanTA's ``...abc,efbc,diaf,ghde->...ghi``); ``frozen``
+    empty means no frozen copy. Equal to the merged ``linear(x, W - Q(θ0) + Q(θ))`` in exact
+    arithmetic; the base GEMM runs in x's dtype and the adapter term in fp32 (fp64), so the
+    frozen-copy layer reproduces the base layer exactly at initialisation."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        eq = _token_equation(equation)
+        x3 = _factorized_x(x, eq, cores)
+        delta = _apply_gates(x3, cores, eq)
+        if frozen:
+            delta = delta - _apply_gates(x3, frozen, eq)
+        y = F.linear(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        y = y.reshape(-1, base.shape[0]).to(delta.dtype) + scale * delta
+        return y.to(x.dtype).reshape(*x.shape[:-1], base.shape[0])
+
+
+@factorized_linear.register_fake
+def _(x, base, cores, frozen, bias, equation, scale):
+    check_linear_args(x, base, cores, frozen, bias, (0, len(cores)))
+    return x.new_empty((*x.shape[:-1], base.shape[0]))
+
+
+@torch.library.custom_op("tenvoo_fast::factorized_linear_backward", mutates_args=())
+def factorized_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
+                               frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
+                               need_bias: bool, equation: str, scale: float) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of :func:`factorized_linear`, recomputing the adapter's
+    partial products (only x and the cores were saved)."""
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        eq = _token_equation(equation)
+        x3 = _factorized_x(x, eq, cores)
+        g = grad_out.reshape(-1, base.shape[0])
+        g_adapter = g.to(x3.dtype) * scale
+
+        def grads(gates):
+            steps, nodes, out = sweep.contract(eq, [x3, *gates])
+            return sweep.operand_grads(steps, nodes, len(gates) + 1,
+                                       g_adapter.reshape(out.shape))
+
+        gx_adapter, *core_grads = grads(cores)
+        gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
+        if need_x:
+            if frozen:
+                gx_adapter = gx_adapter - grads(frozen)[0]
+            gx = (g.matmul(base.to(x.dtype)).to(x3.dtype) + gx_adapter.reshape(g.shape[0], -1))
+            gx = gx.to(x.dtype).reshape(x.shape)
+        gb = g.sum(0).to(bias.dtype) if need_bias else x.new_empty(0)
+        return [gx, gb] + [cg.to(c.dtype).contiguous() for cg, c in zip(core_grads, cores)]
+
+
+def _same_as_input(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+register_recompute_autograd(factorized_linear, factorized_linear_backward, _same_as_input)

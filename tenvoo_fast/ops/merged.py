@@ -1,0 +1,200 @@
+"""The ``merged`` strategy's ops: build the effective weight, run the framework's conv/linear.
+
+- ``tenvoo_fast::build_delta(cores, ...)``: ΔW = scale * contraction, in the weight's layout.
+- ``tenvoo_fast::weight_grad_to_cores(grad_weight, cores, ...)``: every core's gradient from
+  dL/dΔW in one reverse sweep of the contraction tree (partial products reused), with no state
+  kept from the forward pass.
+- ``tenvoo_fast::merged_conv3d`` / ``merged_linear``: ``op(x, W + (T(θ) - T(θ0)))`` whose
+  backward *recomputes*: only the input, the cores and tensors the layer already owns are saved,
+  never the effective weight or the contraction's intermediates.
+
+``impl`` picks who runs the weight-sized step (the last step of the contraction tree, fused with
+``W - T(θ0)`` and the cast, and the first step of the reverse sweep; :mod:`tenvoo_fast.kernels`).
+The small steps run in torch either way, with the redundant axes pre-reduced
+(:mod:`tenvoo_fast.contraction.prereduce`). Each op has a fake kernel, so adapted models trace
+under ``torch.compile``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import kernels
+from ..contraction import last_step, sweep
+from ..contraction.prereduce import reduced_cores, stored_grads
+from ..contraction.reference import contraction_dtype
+from .autograd import register_recompute_autograd
+from .geometry import (ConvGeometry, check_conv_args, check_linear_args, conv_output_like,
+                       memory_format)
+
+#: How many tensors ``frozen`` holds for the merged ops: none, or T(θ0).
+FROZEN_COUNTS = (0, 1)
+
+
+def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float,
+              impl: str) -> Tensor:
+    p, dtype, reduced = reduced_cores(cores, equation)
+    steps, nodes = sweep.forward_tree(p.equation, reduced)
+    lay, left, right = last_step.step_layout(steps[-1], nodes)
+    return kernels.last_step(impl).build(lay, left, right, weight_shape, scale)
+
+
+# -- build_delta ---------------------------------------------------------------------------------
+@torch.library.custom_op("tenvoo_fast::build_delta", mutates_args=())
+def build_delta(cores: list[Tensor], equation: str, weight_shape: list[int],
+                scale: float, impl: str) -> Tensor:
+    """ΔW = scale * einsum(equation, *cores).reshape(weight_shape), fp32 (fp64 for fp64)."""
+    with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
+        return _contract(cores, equation, weight_shape, scale, impl)
+
+
+@build_delta.register_fake
+def _(cores, equation, weight_shape, scale, impl):
+    torch._check(len(equation.split("->")[0].split(",")) == len(cores),
+                 lambda: f"{equation} names {equation.count(',') + 1} cores, got {len(cores)}")
+    return cores[0].new_empty(weight_shape, dtype=contraction_dtype(cores))
+
+
+# -- weight_grad_to_cores ------------------------------------------------------------------------
+@torch.library.custom_op("tenvoo_fast::weight_grad_to_cores", mutates_args=())
+def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str,
+                         weight_shape: list[int], scale: float, impl: str) -> list[Tensor]:
+    """dL/dcore_k for every core, given dL/dΔW (reverse sweep, nothing saved)."""
+    with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
+        p, dtype, reduced = reduced_cores(cores, equation)
+        steps, nodes = sweep.forward_tree(p.equation, reduced)
+        grads = _reverse(steps, nodes, reduced, grad_weight, scale, impl)
+        return stored_grads(p, grads, cores)
+
+
+def _reverse(steps, nodes, reduced, grad_weight, scale, impl):
+    """The reverse sweep from dL/dW; its first (weight-sized) step by ``impl``."""
+    lay, left, right = last_step.step_layout(steps[-1], nodes)
+    last = kernels.last_step(impl).grads(lay, grad_weight, left, right, scale)
+    return sweep.reverse_tree(steps, nodes, len(reduced), last)
+
+
+@weight_grad_to_cores.register_fake
+def _(grad_weight, cores, equation, weight_shape, scale, impl):
+    torch._check(list(grad_weight.shape) == list(weight_shape),
+                 lambda: f"grad_weight is {list(grad_weight.shape)}, the weight {weight_shape}")
+    return [torch.empty_like(c) for c in cores]
+
+
+# -- merged conv3d / linear ----------------------------------------------------------------------
+def _fused_effective(steps, nodes, base, frozen, weight_shape, scale, impl, out_dtype):
+    """W + (T(θ) - T(θ0)), formed in fp32 (fp64) and cast to ``out_dtype`` last, the last
+    contraction step fused with the fold (one pass over the weight)."""
+    lay, left, right = last_step.step_layout(steps[-1], nodes)
+    frozen_delta = frozen[0] if frozen else None
+    return kernels.last_step(impl).build(lay, left, right, weight_shape, scale, base,
+                                         frozen_delta, out_dtype)
+
+
+def _effective(base, frozen, cores, equation, scale, impl, out_dtype) -> Tensor:
+    with torch.autocast(base.device.type, enabled=False), torch.no_grad():
+        p, _, reduced = reduced_cores(cores, equation)
+        steps, nodes = sweep.forward_tree(p.equation, reduced)
+        return _fused_effective(steps, nodes, base, frozen, list(base.shape), scale, impl,
+                                out_dtype)
+
+
+@torch.library.custom_op("tenvoo_fast::merged_conv3d", mutates_args=())
+def merged_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
+                  bias: Optional[Tensor], equation: str, scale: float, conv: list[int],
+                  impl: str) -> Tensor:
+    """conv3d(x, W + (T(θ) - T(θ0)), bias) in x's dtype, the weight formed in fp32 first;
+    ``frozen`` is ``[T(θ0)]`` (empty: no frozen copy), ``conv`` stride + padding + dilation.
+    The output is in x's :func:`memory_format` whatever layout the framework's conv picks (as
+    the fake kernel says)."""
+    w = _effective(base, frozen, cores, equation, scale, impl, x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    g = ConvGeometry.unpack(conv)
+    y = F.conv3d(x, w, b, g.stride, g.padding, g.dilation)
+    return y.contiguous(memory_format=memory_format(x))
+
+
+@merged_conv3d.register_fake
+def _(x, base, cores, frozen, bias, equation, scale, conv, impl):
+    check_conv_args(x, base, cores, frozen, bias, conv, FROZEN_COUNTS)
+    return conv_output_like(x, base, conv)
+
+
+@torch.library.custom_op("tenvoo_fast::merged_linear", mutates_args=())
+def merged_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
+                  bias: Optional[Tensor], equation: str, scale: float, impl: str) -> Tensor:
+    """linear(x, W + (T(θ) - T(θ0)), bias) in x's dtype, the weight formed in fp32 first."""
+    w = _effective(base, frozen, cores, equation, scale, impl, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@merged_linear.register_fake
+def _(x, base, cores, frozen, bias, equation, scale, impl):
+    check_linear_args(x, base, cores, frozen, bias, FROZEN_COUNTS)
+    return x.new_empty((*x.shape[:-1], base.shape[0]))
+
+
+def _backward(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale, conv,
+              impl) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of a merged conv3d (``conv``: 9 ints) or linear
+    (``conv`` empty); unneeded gradients come back empty.
+
+    One forward sweep of the contraction tree rebuilds T(θ) (and keeps its partial products for
+    this call only), the framework's conv/linear backward runs once on the rebuilt effective
+    weight, and the reverse sweep turns dL/dW into every core's gradient.
+    """
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        shape = list(base.shape)
+        p, dtype, reduced = reduced_cores(cores, equation)
+        steps, nodes = sweep.forward_tree(p.equation, reduced)
+        w = (_fused_effective(steps, nodes, base, frozen, shape, scale, impl, x.dtype)
+             if need_x else None)
+        g = grad_out.to(x.dtype)
+        if conv:
+            geo = ConvGeometry.unpack(conv)
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                g, x, w if w is not None else base.to(x.dtype), [shape[0]] if need_bias else None,
+                geo.stride, geo.padding, geo.dilation, False, [0, 0, 0], 1,
+                [need_x, True, need_bias])
+        else:
+            g2, x2 = g.reshape(-1, shape[0]), x.reshape(-1, shape[1])
+            gw = g2.t().matmul(x2)
+            gx = g.matmul(w) if need_x else None
+            gb = g2.sum(0) if need_bias else None
+        grads = _reverse(steps, nodes, reduced, gw, scale, impl)
+        core_grads = stored_grads(p, grads, cores)
+        # Separate empties: a custom op's outputs may not alias each other.
+        return [gx.contiguous() if gx is not None else x.new_empty(0),
+                gb.to(bias.dtype) if gb is not None else x.new_empty(0)] + core_grads
+
+
+@torch.library.custom_op("tenvoo_fast::merged_conv3d_backward", mutates_args=())
+def merged_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
+                           frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
+                           need_bias: bool, equation: str, scale: float, conv: list[int],
+                           impl: str) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of :func:`merged_conv3d`."""
+    return _backward(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale,
+                     conv, impl)
+
+
+@torch.library.custom_op("tenvoo_fast::merged_linear_backward", mutates_args=())
+def merged_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
+                           frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
+                           need_bias: bool, equation: str, scale: float,
+                           impl: str) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of :func:`merged_linear`."""
+    return _backward(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale,
+                     [], impl)
+
+
+def _contiguous_like(x: Tensor) -> Tensor:
+    """The merged ops' input gradient: contiguous, whatever x's layout."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+register_recompute_autograd(merged_conv3d, merged_conv3d_backward, _contiguous_like)
+register_recompute_autograd(merged_linear, merged_linear_backward, _contiguous_like)

@@ -24,7 +24,7 @@ import torch
 from ..errors import RunError
 from ..files import atomic_path, write_json_atomic
 from . import finetune
-from .options import finetune_parser
+from .run_options import FinetuneOptions
 from .system import versions
 
 PROFILE_MD, PROFILE_PNG, PROFILE_JSON = "profile.md", "profile.png", "profile.json"
@@ -42,8 +42,18 @@ ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "ste
             "execution", "strategy")
 
 
+def method_options(opts: argparse.Namespace, method: str) -> FinetuneOptions:
+    """The fine-tuning options of ``method`` in this profile: finetune's defaults, overridden
+    by the profile's preset, steps and output folder and the options it passes on."""
+    given = {dest: getattr(opts, dest) for dest, _ in PASSED_ON
+             if getattr(opts, dest, None) is not None}
+    return FinetuneOptions(preset=opts.preset, method=method, steps=opts.steps,
+                           out=str(Path(opts.out) / method), overwrite=True, **given)
+
+
 def finetune_argv(opts: argparse.Namespace, method: str) -> list[str]:
-    """The ``tenvoo-fast finetune`` command line of ``method`` in this profile."""
+    """The ``tenvoo-fast finetune`` command line equivalent to :func:`method_options` (recorded
+    in ``profile.json`` so a row can be re-run alone)."""
     argv = ["finetune", "--preset", opts.preset, "--method", method, "--steps", str(opts.steps),
             "--out", str(Path(opts.out) / method), "--overwrite"]
     for dest, flag in PASSED_ON:
@@ -69,8 +79,7 @@ def run(opts: argparse.Namespace) -> dict:
                        f"{', '.join(finetune.METHODS)}")
     if len(set(methods)) != len(methods):
         raise RunError(f"--methods {','.join(methods)}: a method is named twice")
-    parser = finetune_parser()   # each run gets finetune's defaults
-    runs = [parser.parse_args(finetune_argv(opts, m)[1:]) for m in methods]
+    runs = [method_options(opts, m) for m in methods]
     out = Path(opts.out)
     device = torch.device(runs[0].device)
     if opts.steps <= finetune.WARMUP_STEPS:

@@ -20,7 +20,6 @@ its share of the volumes; only rank 0 reports and writes.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -47,6 +46,7 @@ from ..model.config import METHODS as ADAPTER_METHODS
 from . import run_checkpoint
 from .data import training_volumes
 from .profiler import step_profiler
+from .run_options import FinetuneOptions
 from .run_state import (ADAPTER, METRICS, TRAINED, check_finite_parameters, prepare_out,
                         read_state, restore, rng_states, run_identity, save_checkpoint,
                         weights_name)
@@ -59,32 +59,20 @@ from .weights import load_into
 
 #: Methods that inject nothing: every parameter, only biases, only parameters named "norm".
 BASELINES = ("full", "bias", "norm")
-
-
 METHODS = BASELINES + ADAPTER_METHODS
-
-
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
 #: Optimizer steps left out of the median step time (allocator, kernel selection, autotuning).
 WARMUP_STEPS = 2
 
 
-#: Default checkpoint interval: every this many optimizer steps, or this many minutes, whichever
-#: comes first (and on SIGTERM/SIGINT, and at the end).
-SAVE_EVERY_STEPS = 500
-
-
-SAVE_EVERY_MINUTES = 10.0
-
-
-def run(opts: argparse.Namespace) -> dict:
-    """Fine-tune as ``opts`` (the ``tenvoo-fast finetune`` options) says; returns the metrics.
+def run(opts: FinetuneOptions) -> dict:
+    """Fine-tune as ``opts`` says (a :class:`.run_options.FinetuneOptions`, or the parsed
+    ``tenvoo-fast finetune`` options); returns the metrics.
 
     Raises :class:`RunError` (or :class:`AdapterError`) for anything the user can fix, before
     training starts where it can be known then.
     """
+    opts = FinetuneOptions.from_namespace(opts)
     size = volume_size(opts.preset, opts.size)
     if opts.spacing and not opts.data:
         raise RunError("--spacing resamples NIfTI volumes and needs --data DIR; the synthetic "
@@ -102,8 +90,7 @@ def run(opts: argparse.Namespace) -> dict:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        with use_backend(getattr(opts, "backend", "auto")), \
-                use_strategy(getattr(opts, "strategy", None) or "auto", strict=False):
+        with use_backend(opts.backend), use_strategy(opts.strategy or "auto", strict=False):
             return _run(opts, size, amp, device, rank, world_size)
     finally:
         if world_size > 1:
@@ -214,7 +201,7 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
         f"{opts.accum} x {world_size} process(es), Adam lr {opts.lr:g}")
     say("checkpoints: " + describe_interval(opts) + f", and on SIGTERM/SIGINT, into {out}")
 
-    if getattr(opts, "autotune", False):
+    if opts.autotune:
         _autotune(model, train_set, inferer, autocast, opts, device, say)
         metrics["autotune"] = autotune.decisions()
 
@@ -348,7 +335,7 @@ def _check_training_memory(model, config: AdapterConfig, opts) -> None:
 def _load_checkpoint_adapter(model, path: Path, opts) -> None:
     """Load the checkpoint's adapter, warning (or with ``--strict-base`` refusing) when the base
     weights differ from those it was trained on."""
-    mode = "error" if getattr(opts, "strict_base", False) else "warn"
+    mode = "error" if opts.strict_base else "warn"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BaseMismatchWarning)
         load_adapter(model, path, base_mismatch=mode)

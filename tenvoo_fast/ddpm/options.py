@@ -10,9 +10,9 @@ import torch
 
 from ..dispatch import STRATEGIES
 from ..errors import RunError, one_line
-from ..model.presets import PAPER_DDPM_TARGETS
-from .finetune import AMP_DTYPES, METHODS, SAVE_EVERY_MINUTES, SAVE_EVERY_STEPS
+from .finetune import AMP_DTYPES, METHODS
 from .profiler import PROFILE_STEPS
+from .run_options import FinetuneOptions, default_device
 from .unets import DEFAULT_SIZES
 
 def positive_int(text: str) -> int:
@@ -86,22 +86,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``finetune`` options, with their defaults."""
+    """The ``finetune`` options (defaults: :class:`.run_options.FinetuneOptions`)."""
+    d = FinetuneOptions(device="cpu")
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=("paper", "tiny"), default="paper",
+    model.add_argument("--preset", choices=("paper", "tiny"), default=d.preset,
                        help="the paper's 166.7M-parameter UNet, or a tiny one for CPUs")
-    model.add_argument("--method", choices=METHODS, default="tenvoo-l",
+    model.add_argument("--method", choices=METHODS, default=d.method,
                        help="adapter method; full/bias/norm inject nothing and train all "
                             "parameters / only biases / only parameters named 'norm'")
-    model.add_argument("--rank", type=int, default=4, help="adapter rank")
-    model.add_argument("--targets", type=comma_list, default=",".join(PAPER_DDPM_TARGETS),
+    model.add_argument("--rank", type=int, default=d.rank, help="adapter rank")
+    model.add_argument("--targets", type=comma_list, default=d.targets,
                        help="comma-separated regular expressions of the layers to adapt")
-    model.add_argument("--trainable", type=comma_list, default="bias,norm",
+    model.add_argument("--trainable", type=comma_list, default=d.trainable,
                        help="what trains besides the adapter cores: comma list of bias, norm, "
                             "all")
     model.add_argument("--base-weights", metavar="PATH",
@@ -110,7 +107,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="DIR",
                       help="folder of NIfTI volumes (.nii, .nii.gz); default: synthetic phantoms")
-    data.add_argument("--num-volumes", type=positive_int, default=20,
+    data.add_argument("--num-volumes", type=positive_int, default=d.num_volumes,
                       help="number of synthetic phantoms")
     data.add_argument("--size", type=positive_int, nargs=3, metavar=("D", "H", "W"),
                       help="volume size; default "
@@ -119,25 +116,25 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--spacing", type=positive_float, nargs=3, metavar=("SD", "SH", "SW"),
                       help="resample NIfTI volumes to this voxel size (mm), then pad/crop to "
                            "--size; default: resize the whole volume to --size")
-    data.add_argument("--workers", type=non_negative_int, default=0,
+    data.add_argument("--workers", type=non_negative_int, default=d.workers,
                       help="DataLoader worker processes")
     train = parser.add_argument_group("training")
     length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=positive_int, default=100,
+    length.add_argument("--steps", type=positive_int, default=d.steps,
                         help="optimizer steps in total (a resumed run continues to this)")
     length.add_argument("--epochs", type=positive_float, help="train for this many epochs")
-    train.add_argument("--lr", type=positive_float, default=5e-5, help="Adam learning rate")
-    train.add_argument("--batch-size", type=positive_int, default=1, help="volumes per batch")
-    train.add_argument("--accum", type=positive_int, default=4,
+    train.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
+    train.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="volumes per batch")
+    train.add_argument("--accum", type=positive_int, default=d.accum,
                        help="gradient-accumulation micro-batches per optimizer step")
-    train.add_argument("--seed", type=non_negative_int, default=0,
+    train.add_argument("--seed", type=non_negative_int, default=d.seed,
                        help="seed for base weights, phantoms, data split and noise")
     train.add_argument("--device", default=default_device(),
                        help="torch device")
-    train.add_argument("--backend", default="auto",
+    train.add_argument("--backend", default=d.backend,
                        help="adapter backend: auto (the fastest that can run each layer) or one "
                             "of tenvoo_fast.available_backends(), e.g. reference")
-    train.add_argument("--strategy", choices=STRATEGIES, default="auto",
+    train.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                        help="how the fast backends run each adapted layer: merged weight, "
                             "factorized (adapter on the activations), implicit-gemm (the "
                             "Triton conv generating its weight tiles; backend triton), or auto "
@@ -149,25 +146,25 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                        help="autocast dtype; default bf16 on a GPU, none on the CPU (fp16 uses a "
                             "gradient scaler and needs a GPU)")
     run = parser.add_argument_group("run")
-    run.add_argument("--out", default="runs/finetune", metavar="DIR", help="output folder")
+    run.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
     run.add_argument("--resume", action="store_true",
                      help="continue the run saved in --out (same model and method)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run already in --out (without it, a folder holding a "
                           "checkpoint is refused unless --resume)")
     run.add_argument("--save-every", type=non_negative_int,
-                     default=SAVE_EVERY_STEPS, metavar="N",
+                     default=d.save_every, metavar="N",
                      help="checkpoint every N optimizer steps (0: not by steps); a checkpoint "
                           "is also written every --save-every-minutes, on SIGTERM/SIGINT and at "
                           "the end")
     run.add_argument("--save-every-minutes", type=non_negative_float,
-                     default=SAVE_EVERY_MINUTES, metavar="M",
+                     default=d.save_every_minutes, metavar="M",
                      help="checkpoint when M minutes have passed since the last one (0: not "
                           "by time)")
     run.add_argument("--strict-base", action="store_true",
                      help="with --resume, refuse (instead of warning about) base weights other "
                           "than those the checkpoint's adapter was trained on")
-    run.add_argument("--log-every", type=positive_int, default=10, metavar="N",
+    run.add_argument("--log-every", type=positive_int, default=d.log_every, metavar="N",
                      help="without a terminal, print a progress line every N steps")
     run.add_argument("--dry-run", action="store_true",
                      help="build, inject, count and write metrics.json; no training")
@@ -176,9 +173,3 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                           "step: DIR/trace.json (Chrome trace) and DIR/profile.txt")
 
 
-def finetune_parser() -> argparse.ArgumentParser:
-    """A parser of the ``finetune`` options alone (``tenvoo-fast profile`` builds each method's
-    run with it, so every run gets finetune's defaults)."""
-    parser = Parser(prog="tenvoo-fast finetune", formatter_class=HelpFormatter)
-    add_finetune_arguments(parser)
-    return parser

@@ -34,7 +34,7 @@ def prepare_out(out: Path, opts) -> None:
     check_writable_folder(out, "--out")
     manifest = run_checkpoint.read_manifest(out) if out.is_dir() else None
     if manifest is not None and not opts.resume:
-        if not getattr(opts, "overwrite", False):
+        if not opts.overwrite:
             raise RunError(f"--out {out} holds a run (checkpoint of step {manifest['step']}); "
                            "continue it with --resume, replace it with --overwrite, or choose "
                            "another --out")

@@ -18,7 +18,6 @@ def pytest_sessionstart(session):
     (the interpreter and ahead-of-time checks of the GPU kernels) always, nvcc (compiling the
     CUDA sources) when TENVOO_FAST_REQUIRE_NVCC=1, as CI sets it."""
     import importlib.util
-    import shutil
 
     if importlib.util.find_spec("triton") is None:
         pytest.exit("triton is not installed, so the GPU kernels cannot be checked here; install "

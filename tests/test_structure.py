@@ -190,8 +190,10 @@ def test_the_library_runs_without_the_ddpm_dependencies_or_triton():
     assert "library ok" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["finetune", "profile", "sample", "evaluate"])
-def test_ddpm_commands_name_the_extra_to_install(command, tmp_path):
+@pytest.mark.parametrize("command, first, extra", [
+    ("finetune", "monai", "ddpm"), ("profile", "monai", "ddpm"), ("sample", "monai", "ddpm"),
+    ("evaluate", "monai", "ddpm"), ("check-kernels", "triton", "triton")])
+def test_commands_name_the_extra_to_install(command, first, extra, tmp_path):
     args = {"evaluate": ["--generated", str(tmp_path), "--reference", str(tmp_path)]}
     code = BLOCKER + (f"from tenvoo_fast.ddpm.cli import main\n"
                       f"sys.exit(main([{command!r}, *sys.argv[1:]]))")
@@ -199,5 +201,5 @@ def test_ddpm_commands_name_the_extra_to_install(command, tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: tenvoo-fast {command} needs monai")
-    assert "pip install 'tenvoo_fast[ddpm]'" in lines[0]
+    assert lines[0].startswith(f"error: tenvoo-fast {command} needs {first}")
+    assert f"pip install 'tenvoo_fast[{extra}]'" in lines[0]

@@ -23,16 +23,18 @@ from .training import Interrupted
 
 __all__ = ["build_parser", "main"]
 
-#: What each command needs beyond the library: the ``ddpm`` install extra.
-NEEDS = {"finetune": ("monai", "einops", "nibabel", "tqdm"),
-         "profile": ("monai", "einops", "nibabel", "tqdm", "matplotlib"),
-         "sample": ("monai", "einops", "nibabel", "matplotlib"),
-         "evaluate": ("monai", "nibabel")}
+#: What each command needs beyond the library, and the install extra that brings it.
+NEEDS = {"finetune": (("monai", "einops", "nibabel", "tqdm"), "ddpm"),
+         "profile": (("monai", "einops", "nibabel", "tqdm", "matplotlib"), "ddpm"),
+         "sample": (("monai", "einops", "nibabel", "matplotlib"), "ddpm"),
+         "evaluate": (("monai", "nibabel"), "ddpm"),
+         "check-kernels": (("triton",), "triton")}
+EXTRAS = {"ddpm": "the DDPM program's extra", "triton": "the Triton extra"}
 
 
 def missing_packages(command: str) -> list[str]:
     """The packages ``command`` needs that are not installed."""
-    return [m for m in NEEDS.get(command, ()) if importlib.util.find_spec(m) is None]
+    return [m for m in NEEDS.get(command, ((), None))[0] if importlib.util.find_spec(m) is None]
 
 
 def _command(run):
@@ -208,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     missing = missing_packages(args.command)
     if missing:
+        extra = NEEDS[args.command][1]
         print(f"error: tenvoo-fast {args.command} needs {', '.join(missing)}, not installed; "
-              "install the DDPM program's extra: pip install 'tenvoo_fast[ddpm]'",
-              file=sys.stderr)
+              f"install {EXTRAS[extra]}: pip install 'tenvoo_fast[{extra}]'", file=sys.stderr)
         return 2
     try:
         if getattr(args, "device", None) is not None:

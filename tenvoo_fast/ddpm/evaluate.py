@@ -193,7 +193,6 @@ def _summary(values: torch.Tensor) -> dict:
 def run(opts: argparse.Namespace) -> dict:
     """Evaluate ``opts.generated`` against ``opts.reference`` (the ``tenvoo-fast evaluate``
     options), write ``opts.out`` and return what it holds."""
-    from . import finetune
     from .data import nifti_files
 
     device = torch.device(opts.device)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import statistics
 import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -140,6 +142,39 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
 
     torch.manual_seed(opts.seed)  # the same base weights on every rank and on resume
     model = _build_model(opts, state)
+    metrics = _describe(opts, model, identity, size, amp, device, world_size,
+                        (train_set, val_set, data_description), say)
+    if opts.dry_run:
+        metrics.update(steps=0, losses=[], val_loss=None, step_time_s=None, volumes_per_s=None,
+                       peak_memory_bytes=peak_memory_bytes(device), status="dry run")
+        if main:
+            write_json_atomic(out / METRICS, metrics)
+        say(f"dry run: nothing trained; wrote {out / METRICS}")
+        return metrics
+
+    t = _Training.begin(opts, model, state, train_set, amp, device, rank, world_size, say)
+    say(f"training: optimizer steps {t.start} -> {t.steps}, batch {opts.batch_size} x accum "
+        f"{opts.accum} x {world_size} process(es), Adam lr {opts.lr:g}")
+    say("checkpoints: " + describe_interval(opts) + f", and on SIGTERM/SIGINT, into {out}")
+    if opts.autotune:
+        _autotune(t.model, train_set, t.inferer, t.autocast, opts, device, say)
+        metrics["autotune"] = autotune.decisions()
+    checkpoint = _Checkpointer(t, out, identity, metrics, main, world_size,
+                               {"preset": opts.preset, "seed": opts.seed,
+                                "base_weights": identity["base_weights"]})
+    times, stopped, step = _train(t, opts, out, checkpoint, main, world_size, say)
+    if stopped is not None:
+        name = signal.Signals(stopped).name
+        say(f"{name} at step {step}/{t.steps}: checkpoint saved in {out}; continue with the "
+            "same command and --resume")
+        raise Interrupted(128 + stopped)
+    checkpoint(t.steps, "trained; validating")
+    return _report(t, opts, out, identity, metrics, times, val_set, main, world_size, say)
+
+
+def _describe(opts, model, identity, size, amp, device, world_size, data, say) -> dict:
+    """Say what the run trains, on what, and how; the metrics that say it."""
+    train_set, val_set, data_description = data
     trainable, total = count_parameters(model), count_parameters(model, trainable_only=False)
     n_layers = len(adapter_layers(model))
     adapter = opts.method in ADAPTER_METHODS
@@ -149,7 +184,7 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
     say(f"data: {data_description}")
     say(f"parameters: {trainable:,} trainable of {total:,} total; {n_layers} adapted layers")
     say(f"backend: {current_backend()} (available: {', '.join(available_backends())})")
-    metrics = dict(
+    return dict(
         preset=opts.preset, size=list(size), method=opts.method, rank=identity["rank"],
         targets=identity["targets"], trainable=identity["trainable"], amp=amp, device=str(device),
         world_size=world_size, backend=current_backend(), strategy=current_strategy(),
@@ -158,90 +193,112 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
         accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,
         total_params=total, adapted_layers=n_layers, versions=versions())
 
-    if opts.dry_run:
-        metrics.update(steps=0, losses=[], val_loss=None, step_time_s=None, volumes_per_s=None,
-                       peak_memory_bytes=peak_memory_bytes(device), status="dry run")
-        if main:
-            write_json_atomic(out / METRICS, metrics)
-        say(f"dry run: nothing trained; wrote {out / METRICS}")
-        return metrics
 
-    from monai.inferers import DiffusionInferer
-    from monai.networks.schedulers import DDPMScheduler
+@dataclass
+class _Training:
+    """What the training loop works with: the model (DDP-wrapped under torchrun), optimizer,
+    scaler, the noise generator, the data stream, the objective, and the run's bookkeeping."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    noise_rng: torch.Generator
+    run: dict
+    batches: object
+    inferer: object
+    autocast: object
+    device: torch.device
+    start: int
+    steps: int
 
-    model.to(device)
-    if world_size > 1:
-        # Buffers (frozen adapter copies) never change, so they need no per-step broadcast.
-        model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=opts.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    # Noise and timesteps come from their own generator (distinct per rank); the data order
-    # from the sampler's seed and epoch and the position in the epoch. Both are checkpointed,
-    # so a resumed run draws exactly what the uninterrupted one would have.
-    noise_rng = torch.Generator(device).manual_seed(mix_seed(opts.seed, rank))
-    run = dict(step=0, losses=[], lr_history=[[1, opts.lr]])
-    if state is not None:
-        run = restore(state, rank, optimizer, scaler, noise_rng, opts.lr, say)
-    start = run["step"]
-    sampler = PositionedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
-                                seed=opts.seed)
-    loader = DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
-                        num_workers=opts.workers, persistent_workers=opts.workers > 0,
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
-                        generator=torch.Generator().manual_seed(mix_seed(opts.seed, rank, 1)))
-    steps = math.ceil(opts.epochs * len(loader) / opts.accum) if opts.epochs else opts.steps
-    steps = max(steps, start)  # a resumed run never goes back
-    inferer = DiffusionInferer(DDPMScheduler(**SCHEDULER))
-    autocast = partial(torch.autocast, device.type, dtype=AMP_DTYPES[amp],
-                       enabled=AMP_DTYPES[amp] is not None)
-    batches = endless_batches(loader, consumed=start * opts.accum)
-    say(f"training: optimizer steps {start} -> {steps}, batch {opts.batch_size} x accum "
-        f"{opts.accum} x {world_size} process(es), Adam lr {opts.lr:g}")
-    say("checkpoints: " + describe_interval(opts) + f", and on SIGTERM/SIGINT, into {out}")
+    @classmethod
+    def begin(cls, opts, model, state, train_set, amp, device, rank, world_size, say):
+        """Put the model on ``device`` and set up training, restoring the checkpoint's state
+        when resuming."""
+        from monai.inferers import DiffusionInferer
+        from monai.networks.schedulers import DDPMScheduler
 
-    if opts.autotune:
-        _autotune(model, train_set, inferer, autocast, opts, device, say)
-        metrics["autotune"] = autotune.decisions()
-
-    base_origin = {"preset": opts.preset, "seed": opts.seed,
-                   "base_weights": identity["base_weights"]}
-
-    def checkpoint(step: int, status: str) -> None:
-        """Save step ``step`` as one checkpoint (all ranks take part: RNG states are gathered)."""
-        check_finite_parameters(model, step, out)
-        rng = rng_states(noise_rng)
-        ranks = [rng]
+        model.to(device)
         if world_size > 1:
-            ranks = [None] * world_size
-            torch.distributed.all_gather_object(ranks, rng)
-        if main:
-            run.update(step=step, rng=ranks)
-            save_checkpoint(out, model, optimizer, scaler, run, identity, base_origin)
-            metrics.update(steps=step, losses=run["losses"], status=status,
-                           lr_history=run["lr_history"])
-            write_json_atomic(out / METRICS, metrics)
+            # Buffers (frozen adapter copies) never change, so they need no per-step broadcast.
+            model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                     lr=opts.lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        # Noise and timesteps come from their own generator (distinct per rank); the data order
+        # from the sampler's seed and epoch and the position in the epoch. Both are
+        # checkpointed, so a resumed run draws exactly what the uninterrupted one would have.
+        noise_rng = torch.Generator(device).manual_seed(mix_seed(opts.seed, rank))
+        run = dict(step=0, losses=[], lr_history=[[1, opts.lr]])
+        if state is not None:
+            run = restore(state, rank, optimizer, scaler, noise_rng, opts.lr, say)
+        start = run["step"]
+        sampler = PositionedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                    seed=opts.seed)
+        loader = DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
+                            num_workers=opts.workers, persistent_workers=opts.workers > 0,
+                            pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
+                            generator=torch.Generator().manual_seed(mix_seed(opts.seed, rank, 1)))
+        steps = math.ceil(opts.epochs * len(loader) / opts.accum) if opts.epochs else opts.steps
+        steps = max(steps, start)  # a resumed run never goes back
+        autocast = partial(torch.autocast, device.type, dtype=AMP_DTYPES[amp],
+                           enabled=AMP_DTYPES[amp] is not None)
+        return cls(model, optimizer, scaler, noise_rng, run,
+                   endless_batches(loader, consumed=start * opts.accum),
+                   DiffusionInferer(DDPMScheduler(**SCHEDULER)), autocast, device, start, steps)
 
+
+class _Checkpointer:
+    """``checkpoint(step, status)``: save step ``step`` as one checkpoint (all ranks take part:
+    their RNG states are gathered) and write the metrics beside it."""
+
+    def __init__(self, t: _Training, out: Path, identity: dict, metrics: dict, main: bool,
+                 world_size: int, base_origin: dict):
+        self.t, self.out, self.identity, self.metrics = t, out, identity, metrics
+        self.main, self.world_size, self.base_origin = main, world_size, base_origin
+
+    def __call__(self, step: int, status: str) -> None:
+        t = self.t
+        check_finite_parameters(t.model, step, self.out)
+        rng = rng_states(t.noise_rng)
+        ranks = [rng]
+        if self.world_size > 1:
+            ranks = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, rng)
+        if self.main:
+            t.run.update(step=step, rng=ranks)
+            save_checkpoint(self.out, t.model, t.optimizer, t.scaler, t.run, self.identity,
+                            self.base_origin)
+            self.metrics.update(steps=step, losses=t.run["losses"], status=status,
+                                lr_history=t.run["lr_history"])
+            write_json_atomic(self.out / METRICS, self.metrics)
+
+
+def _train(t: _Training, opts, out: Path, checkpoint, main: bool, world_size: int, say):
+    """The optimizer steps from ``t.start`` to ``t.steps``, checkpointing when due; returns
+    (step times, the signal that stopped the run or None, the last step)."""
+    device, steps = t.device, t.steps
     times = []
     stopper = Stopper(opts, device, world_size)
-    profiler = step_profiler(out, device, steps - start, say) if opts.profile and main else None
-    bar = progress_bar(start, steps, enabled=main and sys.stderr.isatty())
-    stopped = None
+    profiler = (step_profiler(out, device, steps - t.start, say) if opts.profile and main
+                else None)
+    bar = progress_bar(t.start, steps, enabled=main and sys.stderr.isatty())
+    stopped, step = None, t.start
     try:
         with stopper, profiler or nullcontext():
-            for step in range(start + 1, steps + 1):
+            for step in range(t.start + 1, steps + 1):
                 synchronize(device)
                 began = time.perf_counter()
                 try:
-                    loss, volumes = optimizer_step(model, batches, inferer, optimizer, scaler,
-                                                    autocast, opts.accum, device, world_size,
-                                                    noise_rng)
+                    loss, volumes = optimizer_step(t.model, t.batches, t.inferer, t.optimizer,
+                                                   t.scaler, t.autocast, opts.accum, device,
+                                                   world_size, t.noise_rng)
                 except NonFiniteLoss as e:
-                    raise RunError(non_finite_message(e, step, model, out)) from None
+                    raise RunError(non_finite_message(e, step, t.model, out)) from None
                 synchronize(device)
                 times.append(time.perf_counter() - began)
-                run["losses"].append(loss)
+                t.run["losses"].append(loss)
                 memory = peak_memory_bytes(device)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", vol_s=f"{volumes / times[-1]:.2f}",
@@ -263,21 +320,21 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    if stopped is not None:
-        name = signal.Signals(stopped).name
-        say(f"{name} at step {step}/{steps}: checkpoint saved in {out}; continue with the same "
-            "command and --resume")
-        raise Interrupted(128 + stopped)
+    return times, stopped, step
 
-    checkpoint(steps, "trained; validating")
+
+def _report(t: _Training, opts, out: Path, identity: dict, metrics: dict, times, val_set,
+            main: bool, world_size: int, say) -> dict:
+    """Validate, then write and print the run's metrics."""
+    device = t.device
     step_time = statistics.median(times[WARMUP_STEPS:]) if len(times) > WARMUP_STEPS else None
     volumes_per_step = opts.batch_size * opts.accum * world_size
-    val_loss = (validation_loss(unwrap(model), val_set, inferer, autocast, device, opts.seed)
-                if main else None)
-    metrics.update(val_loss=val_loss, step_time_s=step_time, lr_history=run["lr_history"],
+    val_loss = (validation_loss(unwrap(t.model), val_set, t.inferer, t.autocast, device,
+                                opts.seed) if main else None)
+    metrics.update(val_loss=val_loss, step_time_s=step_time, lr_history=t.run["lr_history"],
                    volumes_per_s=volumes_per_step / step_time if step_time else None,
                    peak_memory_bytes=peak_memory_bytes(device),
-                   execution=execution_plan(model), status="finished")
+                   execution=execution_plan(t.model), status="finished")
     say("validation loss: " + (
         f"{val_loss:.4f} ({len(val_set)} volume(s) x {VAL_TIMESTEPS} timesteps)"
         if val_loss is not None else "n/a (no validation volume)"))
@@ -289,7 +346,7 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
     if main:
         write_json_atomic(out / METRICS, metrics)
         say(f"wrote {out / METRICS}, {out / weights_name(identity)} and the checkpoint of step "
-            f"{steps} ({out / run_checkpoint.MANIFEST})")
+            f"{t.steps} ({out / run_checkpoint.MANIFEST})")
     return metrics
 
 

@@ -14,7 +14,6 @@ from tests.layer_checks import (TOL, check_against_oracle, check_compiled_matche
 import tenvoo_fast
 from tenvoo_fast import AdapterError, LoRAConv3d, TenVOOConv3d, methods, use_backend, use_strategy
 from tenvoo_fast.methods.channels import default_factors
-from tenvoo_fast.contraction.partition import channel_letters
 from tenvoo_fast.contraction.generation import unsupported_reason
 from tenvoo_fast.measure import owned_tensors, saved_bytes
 from tenvoo_fast.dispatch.strategy import conv_strategy, supported_strategies

@@ -86,7 +86,7 @@ def test_tenvoo_conv_on_cuda(cin, cout, vol, variant, dtype, backend):
                                               ("factorized", "triton"),
                                               ("factorized", "torch")])
 def test_conv_strategies_on_cuda(cin, cout, vol, variant, dtype, conv, strategy, backend):
-    """The Triton conv with on-chip weight generation (implicit-gemm), and the factorised conv
+    """The Triton conv with on-chip weight generation (implicit-gemm), and the factorized conv
     with its activation-sized maps in the fused Triton kernels and in torch."""
     torch.manual_seed(0)
     base = nn.Conv3d(cin, cout, 3, **conv, device="cuda", dtype=dtype)

@@ -17,41 +17,45 @@ tenvoo_fast.
 """
 from __future__ import annotations
 
+import importlib
+from functools import lru_cache
+
 IMPLS = ("torch", "triton", "native")
 
+#: step -> impl -> the module (in tenvoo_fast) that runs it; ``native`` has no activation maps
+#: of its own and uses torch's.
+MODULES = {
+    "last_step": {"torch": ".kernels.torch_last_step", "native": ".kernels.native",
+                  "triton": ".triton_kernels.launch_last_step"},
+    "activation_maps": {"torch": ".kernels.torch_activation_maps",
+                        "native": ".kernels.torch_activation_maps",
+                        "triton": ".triton_kernels.launch_factorized"},
+    "implicit_conv": {"triton": ".triton_kernels.launch_conv"},
+}
 
-def _check(impl: str) -> None:
+
+@lru_cache(maxsize=None)
+def implementation(step: str, impl: str):
+    """The module that runs ``step`` for ``impl`` (imported on first use, then cached)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}: one of {list(IMPLS)}")
+    path = MODULES[step].get(impl)
+    if path is None:
+        raise ValueError(f"{step} has no {impl!r} kernels, only {list(MODULES[step])}")
+    return importlib.import_module(path, package="tenvoo_fast")
 
 
 def last_step(impl: str):
-    """The module that runs the weight-sized contraction step for ``impl``."""
-    _check(impl)
-    if impl == "triton":
-        from ..triton_kernels import launch_last_step
-        return launch_last_step
-    if impl == "native":
-        from . import native
-        return native
-    from . import torch_last_step
-    return torch_last_step
+    """The weight-sized contraction step: ``build``, ``grads``."""
+    return implementation("last_step", impl)
 
 
 def activation_maps(impl: str):
-    """The module that runs the factorized conv's activation-sized 1x1x1 maps for ``impl``."""
-    _check(impl)
-    if impl == "triton":
-        from ..triton_kernels import launch_factorized
-        return launch_factorized
-    from . import torch_activation_maps
-    return torch_activation_maps
+    """The factorized conv's activation-sized 1x1x1 maps: ``operand``, ``project``,
+    ``add_expanded``, ``outer``."""
+    return implementation("activation_maps", impl)
 
 
 def implicit_conv(impl: str):
-    """The module that runs the implicit-GEMM conv (Triton only)."""
-    _check(impl)
-    if impl != "triton":
-        raise ValueError(f"the implicit-GEMM conv has Triton kernels only, not {impl!r}")
-    from ..triton_kernels import launch_conv
-    return launch_conv
+    """The implicit-GEMM conv: ``forward``, ``input_grad``, ``operand_grads``."""
+    return implementation("implicit_conv", impl)

@@ -35,6 +35,7 @@ from ..contraction.partition import partition
 from ..contraction.prereduce import reduced_cores, stored_grads
 from ..contraction.reference import contraction_dtype, ieee_fp32
 from .autograd import register_recompute_autograd
+from .define import custom_op
 from .geometry import (ConvGeometry, check_linear_args, register_cores_conv_fake, input_grad_like,
                        memory_format)
 
@@ -81,7 +82,7 @@ def _setup(cores, frozen, equation, letters, base):
     return p, part, reduced, maps, states, maps0
 
 
-@torch.library.custom_op("tenvoo_fast::factorized_conv3d", mutates_args=())
+@custom_op("tenvoo_fast::factorized_conv3d", mutates_args=())
 def factorized_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                       bias: Optional[Tensor], equation: str, letters: str, scale: float,
                       conv: list[int], impl: str) -> Tensor:
@@ -108,7 +109,7 @@ def factorized_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list
 register_cores_conv_fake(factorized_conv3d)
 
 
-@torch.library.custom_op("tenvoo_fast::factorized_conv3d_backward", mutates_args=())
+@custom_op("tenvoo_fast::factorized_conv3d_backward", mutates_args=())
 def factorized_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
                                frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
                                need_bias: bool, equation: str, letters: str, scale: float,
@@ -185,7 +186,7 @@ def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
     return sweep.contract(eq, [x3, *cores])[2].reshape(x3.shape[0], -1)
 
 
-@torch.library.custom_op("tenvoo_fast::factorized_linear", mutates_args=())
+@custom_op("tenvoo_fast::factorized_linear", mutates_args=())
 def factorized_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                       bias: Optional[Tensor], equation: str, scale: float) -> Tensor:
     """``linear(x, W) + scale * (A(x; θ) - A(x; θ0))`` with A the adapter applied to the
@@ -210,7 +211,7 @@ def _(x, base, cores, frozen, bias, equation, scale):
     return x.new_empty((*x.shape[:-1], base.shape[0]))
 
 
-@torch.library.custom_op("tenvoo_fast::factorized_linear_backward", mutates_args=())
+@custom_op("tenvoo_fast::factorized_linear_backward", mutates_args=())
 def factorized_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
                                frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
                                need_bias: bool, equation: str, scale: float) -> list[Tensor]:

@@ -22,6 +22,7 @@ from ..contraction import last_step, sweep
 from ..contraction.generation import split_tree
 from ..contraction.prereduce import reduced_cores, stored_grads
 from .autograd import register_recompute_autograd
+from .define import custom_op
 from .geometry import ConvGeometry, register_cores_conv_fake, input_grad_like, memory_format
 
 
@@ -42,7 +43,7 @@ def _frozen_operands(frozen, equation, letters):
     return _operands(frozen, equation, letters)[-2:]
 
 
-@torch.library.custom_op("tenvoo_fast::implicit_conv3d", mutates_args=())
+@custom_op("tenvoo_fast::implicit_conv3d", mutates_args=())
 def implicit_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                     bias: Optional[Tensor], equation: str, letters: str, scale: float,
                     conv: list[int], impl: str) -> Tensor:
@@ -61,7 +62,7 @@ def implicit_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[T
 register_cores_conv_fake(implicit_conv3d)
 
 
-@torch.library.custom_op("tenvoo_fast::implicit_conv3d_backward", mutates_args=())
+@custom_op("tenvoo_fast::implicit_conv3d_backward", mutates_args=())
 def implicit_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
                              frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
                              need_bias: bool, equation: str, letters: str, scale: float,

@@ -3,7 +3,8 @@ in :mod:`tenvoo_fast.nn` and :mod:`tenvoo_fast.methods` call.
 
 Each asks :mod:`tenvoo_fast.dispatch` which backend and strategy run the layer, then runs them:
 the reference (the published contraction and the framework's conv/linear, autograd through
-both) or one of the ``torch.library`` ops of :mod:`tenvoo_fast.ops` with the backend's kernels.
+both) or one of the ``torch.library`` ops of :mod:`tenvoo_fast.ops` with the backend's kernels
+(in eager mode through the same bodies, :func:`tenvoo_fast.ops.autograd.call`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from . import dispatch, ops  # noqa: F401  (ops registers torch.ops.tenvoo_fast)
 from .contraction import reference
 from .contraction.partition import channel_letters
 from .dispatch import context
+from .ops.autograd import call
 from .ops.geometry import ConvGeometry
 
 
@@ -99,22 +101,23 @@ def _fast_conv3d(layer, x, backend):
     chosen = dispatch.conv_strategy(layer, x.shape, out_spatial, backend.impl)
     net = layer.network
     if chosen == "merged":
-        return torch.ops.tenvoo_fast.merged_conv3d(
-            x, layer.weight, net.views(layer.cores), _frozen_delta(layer, backend), layer.bias,
-            net.equation, net.scale, geo.pack(), backend.impl)
-    op = (torch.ops.tenvoo_fast.factorized_conv3d if chosen == "factorized"
-          else torch.ops.tenvoo_fast.implicit_conv3d)
-    return op(x, layer.weight, list(layer.cores), _frozen_cores(layer), layer.bias,
-              net.equation, ",".join(channel_letters(net)), net.scale, geo.pack(), backend.impl)
+        return call(ops.merged.merged_conv3d,
+                    x, layer.weight, net.views(layer.cores), _frozen_delta(layer, backend),
+                    layer.bias, net.equation, net.scale, geo.pack(), backend.impl)[0]
+    op = (ops.factorized.factorized_conv3d if chosen == "factorized"
+          else ops.implicit_gemm.implicit_conv3d)
+    return call(op, x, layer.weight, list(layer.cores), _frozen_cores(layer), layer.bias,
+                net.equation, ",".join(channel_letters(net)), net.scale, geo.pack(),
+                backend.impl)
 
 
 def _fast_linear(layer, x, backend):
     x = x.to(layer.compute_dtype(x))
     net = layer.network
     if dispatch.linear_strategy(layer, x.numel() // x.shape[-1], backend.impl) == "factorized":
-        return torch.ops.tenvoo_fast.factorized_linear(
-            x, layer.weight, list(layer.cores), _frozen_cores(layer), layer.bias,
-            layer.activation_equation, net.scale)
-    return torch.ops.tenvoo_fast.merged_linear(
-        x, layer.weight, net.views(layer.cores), _frozen_delta(layer, backend), layer.bias,
-        net.equation, net.scale, backend.impl)
+        return call(ops.factorized.factorized_linear,
+                    x, layer.weight, list(layer.cores), _frozen_cores(layer), layer.bias,
+                    layer.activation_equation, net.scale)
+    return call(ops.merged.merged_linear,
+                x, layer.weight, net.views(layer.cores), _frozen_delta(layer, backend),
+                layer.bias, net.equation, net.scale, backend.impl)[0]

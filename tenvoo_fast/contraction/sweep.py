@@ -30,10 +30,11 @@ class Step:
 def sweep_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[Step, ...]:
     """The pairwise steps of opt_einsum's optimal ('dp') path."""
     path, _ = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize="dp")
-    return _steps(equation, path)
+    return tree_steps(equation, path)
 
 
-def _steps(equation: str, path) -> tuple[Step, ...]:
+def tree_steps(equation: str, path) -> tuple[Step, ...]:
+    """The pairwise steps of an opt_einsum (linear-format) contraction path."""
     lhs, out = equation.split("->")
     terms = lhs.split(",")
     live = list(range(len(terms)))          # node ids of the current operand list
@@ -103,7 +104,7 @@ def split_plan(equation: str, shapes: tuple[tuple[int, ...], ...], left_letters:
             next_id += 1
         roots.append(ids[-1])
     ssa.append(tuple(roots))
-    return _steps(equation, opt_einsum.paths.ssa_to_linear(ssa))
+    return tree_steps(equation, opt_einsum.paths.ssa_to_linear(ssa))
 
 
 def _side_flops(terms, shapes, members, out) -> int:

@@ -132,3 +132,49 @@ def grads(lay: Layout, grad_weight, left, right, scale: float):
         gb.mul_(scale)
     return (unmatrix(ga, lay, lay.batch + lay.rows + lay.bond, lay.left_idx),
             unmatrix(gb, lay, lay.batch + lay.bond + lay.cols, lay.right_idx))
+
+
+# -- the same step for a compiled contraction program (contraction.program) ---------------------
+def _weight_letters(prog):
+    sizes = dict(prog.sizes)
+    gemm = [sizes[l] for l in prog.gemm_order]
+    return gemm, [gemm[i] for i in prog.to_weight]
+
+
+def build_weight(prog, left, right, weight_shape, scale: float, base=None, frozen=None,
+                 out_dtype=None) -> torch.Tensor:
+    """As :func:`build`, from the program's strided ``(B, M, K)`` and ``(B, K, N)`` operands:
+    one GEMM, then ``W + (scale*T - T0)`` in one pass that also permutes and casts."""
+    gemm, letters = _weight_letters(prog)
+    B, M, N, _ = prog.gemm
+    transient = base is not None
+    t = (workspace.scratch("gemm", (B, M, N), left.dtype, left.device) if transient
+         else left.new_empty((B, M, N)))
+    torch.bmm(left, right, out=t)
+    if scale != 1.0:
+        t.mul_(scale)
+    view = t.view(gemm).permute(prog.to_weight)
+    if base is None:
+        return left.new_empty(weight_shape).copy_(view.reshape(weight_shape))
+    if frozen is not None:
+        view.sub_(frozen.reshape(letters))
+    dtype = out_dtype or t.dtype
+    out = workspace.scratch("weight", weight_shape, dtype, left.device)
+    torch.add(base.reshape(letters), view, out=out.view(letters))
+    return out
+
+
+def grad_gemm(prog, grad_weight, scale: float, dtype) -> torch.Tensor:
+    """``scale * dL/dW`` in the last step's ``(B, M, N)`` order and the contraction dtype: one
+    pass that permutes and casts (none when it is already so)."""
+    gemm, letters = _weight_letters(prog)
+    B, M, N, _ = prog.gemm
+    identity = list(prog.to_weight) == sorted(prog.to_weight)
+    if identity and grad_weight.dtype == dtype and grad_weight.is_contiguous():
+        g = grad_weight.view(B, M, N)
+        return g * scale if scale != 1.0 else g
+    g = grad_weight.new_empty((B, M, N), dtype=dtype)
+    g.view(gemm).permute(prog.to_weight).copy_(grad_weight.reshape(letters))
+    if scale != 1.0:
+        g.mul_(scale)
+    return g

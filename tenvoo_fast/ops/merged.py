@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
-from ..contraction import last_step, sweep
-from ..contraction.prereduce import reduced_cores, stored_grads
+from ..contraction import last_step, program, sweep
+from ..contraction.prereduce import plan, reduced_cores, stored_grads
 from ..contraction.reference import contraction_dtype
 from .autograd import register_recompute_autograd
+from .define import custom_op
 from .geometry import (ConvGeometry, check_conv_args, check_linear_args, conv_output_like,
                        memory_format)
 
@@ -34,8 +35,29 @@ from .geometry import (ConvGeometry, check_conv_args, check_linear_args, conv_ou
 FROZEN_COUNTS = (0, 1)
 
 
+def _compiled(cores: list[Tensor], equation: str):
+    """(pre-reduction plan, reduced cores, :class:`~tenvoo_fast.contraction.program.Program`):
+    how the ``torch`` kernels run the whole contraction (strided GEMMs, no operand copies)."""
+    p, _, reduced = reduced_cores(cores, equation)
+    return p, reduced, program.program_for(p.equation, p.shapes)
+
+
+def saved_numel(cores: list[Tensor], equation: str, impl: str) -> int:
+    """Elements of the buffer a merged op keeps from forward for backward (the program's
+    small intermediates; ``torch`` kernels only, the others rebuild them)."""
+    if impl != "torch":
+        return 0
+    # Core shapes are fixed by the adapter (int() specialises symbolic ones when tracing).
+    p = plan(equation, tuple(tuple(int(d) for d in c.shape) for c in cores))
+    return program.program_for(p.equation, p.shapes).saved_numel
+
+
 def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float,
               impl: str) -> Tensor:
+    if impl == "torch":
+        _, reduced, prog = _compiled(cores, equation)
+        _, left, right = program.run_forward(prog, reduced)
+        return kernels.last_step("torch").build_weight(prog, left, right, weight_shape, scale)
     p, dtype, reduced = reduced_cores(cores, equation)
     steps, nodes = sweep.forward_tree(p.equation, reduced)
     lay, left, right = last_step.step_layout(steps[-1], nodes)
@@ -43,7 +65,7 @@ def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale
 
 
 # -- build_delta ---------------------------------------------------------------------------------
-@torch.library.custom_op("tenvoo_fast::build_delta", mutates_args=())
+@custom_op("tenvoo_fast::build_delta", mutates_args=())
 def build_delta(cores: list[Tensor], equation: str, weight_shape: list[int],
                 scale: float, impl: str) -> Tensor:
     """ΔW = scale * einsum(equation, *cores).reshape(weight_shape), fp32 (fp64 for fp64)."""
@@ -59,11 +81,16 @@ def _(cores, equation, weight_shape, scale, impl):
 
 
 # -- weight_grad_to_cores ------------------------------------------------------------------------
-@torch.library.custom_op("tenvoo_fast::weight_grad_to_cores", mutates_args=())
+@custom_op("tenvoo_fast::weight_grad_to_cores", mutates_args=())
 def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str,
                          weight_shape: list[int], scale: float, impl: str) -> list[Tensor]:
     """dL/dcore_k for every core, given dL/dΔW (reverse sweep, nothing saved)."""
     with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
+        if impl == "torch":
+            p, reduced, prog = _compiled(cores, equation)
+            saved, _, _ = program.run_forward(prog, reduced)
+            g = kernels.last_step("torch").grad_gemm(prog, grad_weight, scale, reduced[0].dtype)
+            return stored_grads(p, program.run_backward(prog, reduced, saved, g), cores)
         p, dtype, reduced = reduced_cores(cores, equation)
         steps, nodes = sweep.forward_tree(p.equation, reduced)
         grads = _reverse(steps, nodes, reduced, grad_weight, scale, impl)
@@ -94,64 +121,87 @@ def _fused_effective(steps, nodes, base, frozen, weight_shape, scale, impl, out_
                                          frozen_delta, out_dtype)
 
 
-def _effective(base, frozen, cores, equation, scale, impl, out_dtype) -> Tensor:
+def _effective(base, frozen, cores, equation, scale, impl, out_dtype) -> tuple[Tensor, Tensor]:
+    """(effective weight, what backward keeps: the program's small intermediates (``torch``)
+    or nothing (the other kernels rebuild them))."""
     with torch.autocast(base.device.type, enabled=False), torch.no_grad():
+        if impl == "torch":
+            _, reduced, prog = _compiled(cores, equation)
+            saved, left, right = program.run_forward(prog, reduced)
+            return kernels.last_step("torch").build_weight(
+                prog, left, right, list(base.shape), scale, base,
+                frozen[0] if frozen else None, out_dtype), saved
         p, _, reduced = reduced_cores(cores, equation)
         steps, nodes = sweep.forward_tree(p.equation, reduced)
         return _fused_effective(steps, nodes, base, frozen, list(base.shape), scale, impl,
-                                out_dtype)
+                                out_dtype), base.new_empty(0, dtype=reduced[0].dtype)
 
 
-@torch.library.custom_op("tenvoo_fast::merged_conv3d", mutates_args=())
+@custom_op("tenvoo_fast::merged_conv3d", mutates_args=())
 def merged_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                   bias: Optional[Tensor], equation: str, scale: float, conv: list[int],
-                  impl: str) -> Tensor:
-    """conv3d(x, W + (T(θ) - T(θ0)), bias) in x's dtype, the weight formed in fp32 first;
-    ``frozen`` is ``[T(θ0)]`` (empty: no frozen copy), ``conv`` stride + padding + dilation.
-    The output is in x's :func:`memory_format` whatever layout the framework's conv picks (as
-    the fake kernel says)."""
-    w = _effective(base, frozen, cores, equation, scale, impl, x.dtype)
+                  impl: str) -> tuple[Tensor, Tensor]:
+    """(conv3d(x, W + (T(θ) - T(θ0)), bias) in x's dtype, the weight formed in fp32 first;
+    what backward keeps); ``frozen`` is ``[T(θ0)]`` (empty: no frozen copy), ``conv`` stride +
+    padding + dilation. The output is in x's :func:`memory_format` whatever layout the
+    framework's conv picks (as the fake kernel says)."""
+    w, saved = _effective(base, frozen, cores, equation, scale, impl, x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     g = ConvGeometry.unpack(conv)
     y = F.conv3d(x, w, b, g.stride, g.padding, g.dilation)
-    return y.contiguous(memory_format=memory_format(x))
+    return y.contiguous(memory_format=memory_format(x)), saved
 
 
 @merged_conv3d.register_fake
 def _(x, base, cores, frozen, bias, equation, scale, conv, impl):
     check_conv_args(x, base, cores, frozen, bias, conv, FROZEN_COUNTS)
-    return conv_output_like(x, base, conv)
+    return conv_output_like(x, base, conv), _saved_like(cores, equation, impl)
 
 
-@torch.library.custom_op("tenvoo_fast::merged_linear", mutates_args=())
+def _saved_like(cores, equation, impl) -> Tensor:
+    return cores[0].new_empty(saved_numel(cores, equation, impl),
+                              dtype=contraction_dtype(cores))
+
+
+@custom_op("tenvoo_fast::merged_linear", mutates_args=())
 def merged_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
-                  bias: Optional[Tensor], equation: str, scale: float, impl: str) -> Tensor:
-    """linear(x, W + (T(θ) - T(θ0)), bias) in x's dtype, the weight formed in fp32 first."""
-    w = _effective(base, frozen, cores, equation, scale, impl, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+                  bias: Optional[Tensor], equation: str, scale: float,
+                  impl: str) -> tuple[Tensor, Tensor]:
+    """(linear(x, W + (T(θ) - T(θ0)), bias) in x's dtype, the weight formed in fp32 first;
+    what backward keeps)."""
+    w, saved = _effective(base, frozen, cores, equation, scale, impl, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype)), saved
 
 
 @merged_linear.register_fake
 def _(x, base, cores, frozen, bias, equation, scale, impl):
     check_linear_args(x, base, cores, frozen, bias, FROZEN_COUNTS)
-    return x.new_empty((*x.shape[:-1], base.shape[0]))
+    return x.new_empty((*x.shape[:-1], base.shape[0])), _saved_like(cores, equation, impl)
 
 
-def _backward(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale, conv,
-              impl) -> list[Tensor]:
+def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, equation, scale,
+              conv, impl) -> list[Tensor]:
     """[grad_x, grad_bias, *grad_cores] of a merged conv3d (``conv``: 9 ints) or linear
     (``conv`` empty); unneeded gradients come back empty.
 
-    One forward sweep of the contraction tree rebuilds T(θ) (and keeps its partial products for
-    this call only), the framework's conv/linear backward runs once on the rebuilt effective
-    weight, and the reverse sweep turns dL/dW into every core's gradient.
+    The effective weight is rebuilt (its small intermediates come from ``saved`` with the
+    ``torch`` kernels, else from a new forward sweep kept for this call only), the framework's
+    conv/linear backward runs once on it, and the reverse sweep turns dL/dW into every core's
+    gradient.
     """
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         shape = list(base.shape)
-        p, dtype, reduced = reduced_cores(cores, equation)
-        steps, nodes = sweep.forward_tree(p.equation, reduced)
-        w = (_fused_effective(steps, nodes, base, frozen, shape, scale, impl, x.dtype)
-             if need_x else None)
+        if impl == "torch":
+            p, reduced, prog = _compiled(cores, equation)
+            left, right, places = program.operands(prog, reduced, saved)
+            w = (kernels.last_step("torch").build_weight(prog, left, right, shape, scale, base,
+                                                      frozen[0] if frozen else None, x.dtype)
+                 if need_x else None)
+        else:
+            p, dtype, reduced = reduced_cores(cores, equation)
+            steps, nodes = sweep.forward_tree(p.equation, reduced)
+            w = (_fused_effective(steps, nodes, base, frozen, shape, scale, impl, x.dtype)
+                 if need_x else None)
         g = grad_out.to(x.dtype)
         if conv:
             geo = ConvGeometry.unpack(conv)
@@ -164,31 +214,35 @@ def _backward(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equatio
             gw = g2.t().matmul(x2)
             gx = g.matmul(w) if need_x else None
             gb = g2.sum(0) if need_bias else None
-        grads = _reverse(steps, nodes, reduced, gw, scale, impl)
+        if impl == "torch":
+            gt = kernels.last_step("torch").grad_gemm(prog, gw, scale, reduced[0].dtype)
+            grads = program.run_backward(prog, reduced, saved, gt, places)
+        else:
+            grads = _reverse(steps, nodes, reduced, gw, scale, impl)
         core_grads = stored_grads(p, grads, cores)
         # Separate empties: a custom op's outputs may not alias each other.
         return [gx.contiguous() if gx is not None else x.new_empty(0),
                 gb.to(bias.dtype) if gb is not None else x.new_empty(0)] + core_grads
 
 
-@torch.library.custom_op("tenvoo_fast::merged_conv3d_backward", mutates_args=())
+@custom_op("tenvoo_fast::merged_conv3d_backward", mutates_args=())
 def merged_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
-                           frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
-                           need_bias: bool, equation: str, scale: float, conv: list[int],
-                           impl: str) -> list[Tensor]:
+                           frozen: list[Tensor], bias: Optional[Tensor], saved: Tensor,
+                           need_x: bool, need_bias: bool, equation: str, scale: float,
+                           conv: list[int], impl: str) -> list[Tensor]:
     """[grad_x, grad_bias, *grad_cores] of :func:`merged_conv3d`."""
-    return _backward(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale,
-                     conv, impl)
+    return _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, equation,
+                     scale, conv, impl)
 
 
-@torch.library.custom_op("tenvoo_fast::merged_linear_backward", mutates_args=())
+@custom_op("tenvoo_fast::merged_linear_backward", mutates_args=())
 def merged_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
-                           frozen: list[Tensor], bias: Optional[Tensor], need_x: bool,
-                           need_bias: bool, equation: str, scale: float,
+                           frozen: list[Tensor], bias: Optional[Tensor], saved: Tensor,
+                           need_x: bool, need_bias: bool, equation: str, scale: float,
                            impl: str) -> list[Tensor]:
     """[grad_x, grad_bias, *grad_cores] of :func:`merged_linear`."""
-    return _backward(grad_out, x, base, cores, frozen, bias, need_x, need_bias, equation, scale,
-                     [], impl)
+    return _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, equation,
+                     scale, [], impl)
 
 
 def _contiguous_like(x: Tensor) -> Tensor:
@@ -196,5 +250,5 @@ def _contiguous_like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-register_recompute_autograd(merged_conv3d, merged_conv3d_backward, _contiguous_like)
-register_recompute_autograd(merged_linear, merged_linear_backward, _contiguous_like)
+register_recompute_autograd(merged_conv3d, merged_conv3d_backward, _contiguous_like, keeps=True)
+register_recompute_autograd(merged_linear, merged_linear_backward, _contiguous_like, keeps=True)

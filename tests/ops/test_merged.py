@@ -66,13 +66,15 @@ def saved_bytes_beyond_owned(layer, x):
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_torch_backend_keeps_under_two_percent_of_the_weight(name, seeded):
+def test_torch_backend_keeps_only_its_small_intermediates(name, seeded):
+    """The torch kernels keep the contraction's small results for backward (so backward does
+    not redo them): at most 2% of the weight, or 16384 numbers for a small layer."""
     layer = LAYERS[name]()
     x = (torch.randn(1, 64, 6, 6, 4) if "quanta" not in name else torch.randn(8, 128))
     x.requires_grad_()
     weight_bytes = layer.weight.numel() * 4
     with use_backend("torch"):
-        assert saved_bytes_beyond_owned(layer, x) < 0.02 * weight_bytes
+        assert saved_bytes_beyond_owned(layer, x) <= max(0.02 * weight_bytes, 16384 * 4)
     with use_backend("reference"):  # the published algorithm keeps at least a weight's worth
         assert saved_bytes_beyond_owned(layer, x) >= weight_bytes
 
@@ -178,10 +180,13 @@ def test_opcheck_every_op(impl, seeded):
         x = torch.randn(1, shape[1], 4, 3, 4).contiguous(memory_format=layout).requires_grad_()
         torch.library.opcheck(torch.ops.tenvoo_fast.merged_conv3d.default,
                               (x, base, cores, frozen, bias, net.equation, net.scale, conv, impl))
+        _, saved = torch.ops.tenvoo_fast.merged_conv3d(
+            x.detach(), base, [c.detach() for c in cores], frozen, bias.detach(), net.equation,
+            net.scale, conv, impl)
         torch.library.opcheck(torch.ops.tenvoo_fast.merged_conv3d_backward.default,
                               (torch.randn(1, shape[0], 4, 2, 4), x.detach(), base,
-                               [c.detach() for c in cores], frozen, bias.detach(), True, True,
-                               net.equation, net.scale, conv, impl))
+                               [c.detach() for c in cores], frozen, bias.detach(), saved, True,
+                               True, net.equation, net.scale, conv, impl))
     qnet = NETWORKS["quanta-rank"]()
     qcores = [torch.randn(c.contraction_shape, requires_grad=True) for c in qnet.cores]
     qshape = list(qnet.weight_shape)

@@ -1,0 +1,614 @@
+"""A contraction tree compiled to strided batched matmuls: no operand copies, one buffer.
+
+``torch.einsum`` runs each pairwise step as permute, reshape (a copy whenever the permuted
+operand is not contiguous) and bmm, and autograd repeats that in backward: most of an adapted
+layer's operator calls are those copies (README, "Launches"). A :class:`Program` decides once,
+per equation and core shapes, the memory layout (letter order) of every intermediate so that
+each step reads its operands as strided ``(batch, rows, bond)`` matrices straight from where
+they lie and writes its result where its consumer will read it. Where no layout serves both
+its producer and its consumer, an explicit :class:`Relayout` copies it (the plan minimises
+these, and tests budget them).
+
+The program covers the whole tree: the small forward steps (their results kept in one flat
+buffer that the backward reuses, a few KB at r=4), the weight-sized last step's two operands
+as strided matrices, and the reverse sweep from dL/dT (in the last step's GEMM order) to every
+core's gradient in the core's own layout.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import opt_einsum
+import torch
+
+from .sweep import Step, tree_steps
+
+
+@dataclass(frozen=True)
+class Read:
+    """A tensor read as a 3-D strided matrix ``(batch, rows, cols)``."""
+    tensor: int
+    size: tuple[int, int, int]
+    stride: tuple[int, int, int]
+
+    def t(self) -> "Read":
+        return Read(self.tensor, (self.size[0], self.size[2], self.size[1]),
+                    (self.stride[0], self.stride[2], self.stride[1]))
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """``out = a @ b`` batched, each a strided ``(batch, rows, cols)`` view."""
+    a: Read
+    b: Read
+    out: Read
+
+
+@dataclass(frozen=True)
+class Relayout:
+    """Copy tensor ``src`` (shape ``shape`` in its layout) into ``dst``, permuted by ``perm``."""
+    src: int
+    dst: int
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Program:
+    """Tensor ids: 0..n-1 the (pre-reduced) cores, then the program's own tensors.
+
+    ``layouts[id]``: the letters of a tensor in memory order (row-major, contiguous);
+    ``saved``: ids kept in one flat buffer between forward and backward, with ``offsets``
+    (at most :data:`KEEP_FRACTION` of the weight where the plan allows);
+    ``forward``: instructions up to the last step; ``left``/``right``: the last step's
+    operands as ``(B, M, K)`` / ``(B, K, N)`` reads; ``gemm_order``: the letters of the last
+    step's ``(B, M, N)`` result, whose permutation ``to_weight`` gives the weight's letters;
+    ``grad_t``: the id dL/dT is given as (layout ``gemm_order``); ``recompute``: forward
+    instructions the backward re-runs (what was too large to keep); ``backward``: instructions
+    from dL/dT to ``core_grads`` (one id per core, in the core's layout).
+    """
+    n_cores: int
+    layouts: tuple[str, ...]
+    sizes: tuple[tuple[str, int], ...]
+    saved: tuple[int, ...]
+    offsets: tuple[int, ...]
+    saved_numel: int
+    forward: tuple
+    left: Read
+    right: Read
+    gemm: tuple[int, int, int, int]
+    gemm_order: str
+    to_weight: tuple[int, ...]
+    grad_t: int
+    recompute: tuple
+    backward: tuple
+    core_grads: tuple[int, ...]
+
+    def numel(self, tensor: int) -> int:
+        d = dict(self.sizes)
+        return math.prod(d[l] for l in self.layouts[tensor])
+
+    def shape(self, tensor: int) -> tuple[int, ...]:
+        d = dict(self.sizes)
+        return tuple(d[l] for l in self.layouts[tensor])
+
+    @property
+    def packed(self) -> frozenset[int]:
+        """The cores the forward copies into another layout first."""
+        return frozenset(r.dst for op in self.forward if isinstance(op, tuple) for r in op
+                         if r.src == r.dst)
+
+    @property
+    def fixed_outputs(self) -> frozenset[int]:
+        """Tensors the caller provides: dL/dT and the cores' gradients."""
+        return frozenset((self.grad_t, *self.core_grads))
+
+    @property
+    def copies(self) -> int:
+        """Copy operations per forward + backward (a group of relayouts is one)."""
+        return sum(isinstance(i, (Relayout, tuple)) for i in self.forward + self.backward)
+
+
+def read(layout: str, sizes: dict, groups: tuple[str, str, str]) -> Optional[tuple]:
+    """(size, stride) of ``layout`` read as three merged letter groups (each group's letters
+    adjacent, in order, in memory), BLAS-compatible (unit stride in one of the last two
+    dims); None if no such view exists."""
+    strides, s = {}, 1
+    for letter in reversed(layout):
+        strides[letter] = s
+        s *= sizes[letter]
+    size, stride = [], []
+    for g in groups:
+        if not g:
+            size.append(1)
+            stride.append(1)
+            continue
+        start = layout.find(g)
+        if start < 0:
+            return None
+        size.append(math.prod(sizes[l] for l in g))
+        stride.append(strides[g[-1]])
+    if size[1] > 1 and size[2] > 1 and 1 not in stride[1:]:
+        return None
+    if size[1] == 1:
+        stride[1] = max(size[2], 1)
+    if size[2] == 1:
+        stride[2] = 1
+    return tuple(size), tuple(stride)
+
+
+def _orders(letters: set, fixed: list[str], limit: int = 24) -> list[str]:
+    """Candidate orders of a letter group: as it lies in each fixed layout, or (no fixed
+    layout holds it) every permutation, up to ``limit``."""
+    if not letters:
+        return [""]
+    if fixed:
+        out = []
+        for lay in fixed:
+            o = "".join(l for l in lay if l in letters)
+            if o not in out:
+                out.append(o)
+        return out
+    return ["".join(p) for p in itertools.islice(itertools.permutations(sorted(letters)), limit)]
+
+
+def _out_layouts(b: str, rows: str, cols: str, target: Optional[str]) -> list[str]:
+    """Where a step may write its ``(batch, rows, cols)`` result: the groups in any order
+    with rows or columns innermost (a strided GEMM output), ``target`` first if given."""
+    out = [target] if target is not None else []
+    for order in ((b, rows, cols), (b, cols, rows), (rows, b, cols), (cols, b, rows)):
+        layout = "".join(order)
+        if layout not in out:
+            out.append(layout)
+    return out
+
+
+def _groups(mine: str, other: str, out: str) -> tuple[set, set, set]:
+    """How a step reads tensor ``mine`` beside ``other`` to make ``out``: (batch, free, bond)."""
+    a, b, o = set(mine), set(other), set(out)
+    return a & b & o, (a & o) - b, (a & b) - o
+
+
+class _Builder:
+    """Emits a program's instructions, choosing letter orders as it goes. A tensor is *fixed*
+    once it has a layout; a *free* tensor (a core, packed once per call) takes whatever layout
+    its step reads best."""
+
+    def __init__(self, layouts: list[str], sizes: dict, free: set[int]):
+        self.layouts = list(layouts)
+        self.sizes = sizes
+        self.free = set(free)
+        self.code: list = []
+        #: tensor -> the copy of it a step made to read it (later readers reuse the copy)
+        self.copied: dict[int, int] = {}
+
+    def new(self, layout: str) -> int:
+        self.layouts.append(layout)
+        return len(self.layouts) - 1
+
+    def relayout(self, src: int, layout: str, dst: int | None = None) -> int:
+        old = self.layouts[src]
+        if dst is None:
+            dst = self.new(layout)
+        shape = tuple(self.sizes[l] for l in old)
+        self.code.append(Relayout(src, dst, shape, tuple(old.index(l) for l in layout)))
+        return dst
+
+    def _consumer_misses(self, layout: str, consumers) -> int:
+        """How many of the steps that read a result (each (other operand id or letters,
+        output letters)) cannot read it laid out as ``layout`` in place."""
+        if consumers is None:
+            return 0
+        if isinstance(consumers, list):
+            return sum(self._consumer_misses(layout, c) for c in consumers)
+        other, out = consumers
+        groups = _groups(layout, other if isinstance(other, str) else self.layouts[other], out)
+        fixed_other = isinstance(other, int) and other not in self.free
+        orders = []
+        for g in groups:
+            o = "".join(l for l in layout if l in g)
+            if o and o not in layout:
+                return 1
+            orders.append(o)
+        if fixed_other:
+            lo = self.layouts[other]
+            for g, o in ((groups[0], orders[0]), (groups[2], orders[2])):
+                if "".join(l for l in lo if l in g) != o:
+                    return 1
+        return 0 if read(layout, self.sizes, tuple(orders)) is not None else 1
+
+    def contract(self, p: int, q: int, out: str, consumer=None, target: Optional[str] = None,
+                 dst: Optional[int] = None, hint: Optional[str] = None) -> int:
+        p, q = self.copied.get(p, p), self.copied.get(q, q)
+        return self._contract(p, q, out, consumer, target, dst, hint)
+
+    def _contract(self, p, q, out, consumer, target, dst, hint) -> int:
+        """Emit ``out`` = p·q; chooses letter orders and operand roles for the fewest copies,
+        now and where ``consumer`` = (other operand id or letters, its output letters) reads
+        the result. With ``target``/``dst``: the result is wanted as tensor ``dst`` laid out as
+        ``target`` (written in place when the chosen layout is ``target``, else copied);
+        ``hint``: a layout worth trying first (no cost if not taken)."""
+        lp, lq = self.layouts[p], self.layouts[q]
+        sp, sq, so = set(lp), set(lq), set(out)
+        batch, pfree, qfree, bond = sp & sq & so, (sp & so) - sq, (sq & so) - sp, (sp & sq) - so
+        if (sp | sq) - (batch | pfree | qfree | bond):
+            raise ValueError(f"{lp},{lq}->{out}: a letter is summed inside one operand")
+        fixed = [lay for t, lay in ((p, lp), (q, lq)) if t not in self.free]
+        best = None
+        # The batch: the letters both operands share with the output, or (none shared) some
+        # free letters of one operand, the other read with batch stride 0 (broadcast).
+        splits = [(batch, None)]
+        if not batch:
+            for side, free_letters in ((p, pfree), (q, qfree)):
+                letters = sorted(free_letters)
+                for size in range(1, len(letters)):
+                    splits += [(set(c), side) for c in itertools.combinations(letters, size)]
+        for bset, owner in splits:
+            pf = pfree - bset if owner == p else pfree
+            qf = qfree - bset if owner == q else qfree
+            bfixed = fixed if owner is None else [self.layouts[owner]] \
+                if owner not in self.free else []
+            for b, k, rows, cols in itertools.islice(itertools.product(
+                    _orders(bset, bfixed), _orders(bond, fixed),
+                    _orders(pf, [lp] if p not in self.free else []),
+                    _orders(qf, [lq] if q not in self.free else [])), 2048):
+                nb = math.prod(self.sizes[l] for l in b)
+                bp = b if owner in (None, p) else ""
+                bq = b if owner in (None, q) else ""
+                rp = (read(bp + rows + k, self.sizes, (bp, rows, k)) if p in self.free
+                      else read(lp, self.sizes, (bp, rows, k)))
+                rq = (read(bq + k + cols, self.sizes, (bq, k, cols)) if q in self.free
+                      else read(lq, self.sizes, (bq, k, cols)))
+                copies = (rp is None) + (rq is None)
+                for layout in _out_layouts(b, rows, cols, target or hint):
+                    if read(layout, self.sizes, (b, rows, cols)) is None:
+                        continue
+                    miss = self._consumer_misses(layout, consumer)
+                    wrong = 0 if target is None else int(layout != target)
+                    key = (copies + miss + wrong, wrong, owner is not None)
+                    if best is None or key < best[0]:
+                        best = key, (b, k, rows, cols, rp, rq, layout, bp, bq, nb)
+        b, k, rows, cols, rp, rq, layout, bp, bq, nb = best[1]
+        p, rp = self._operand(p, bp + rows + k, (bp, rows, k), rp, nb)
+        q, rq = self._operand(q, bq + k + cols, (bq, k, cols), rq, nb)
+        res = dst if dst is not None and layout == target else self.new(layout)
+        self.code.append(MatMul(Read(p, *rp), Read(q, *rq),
+                                Read(res, *read(layout, self.sizes, (b, rows, cols)))))
+        if dst is not None and res != dst:
+            self.relayout(res, target, dst)
+            return dst
+        return res
+
+    def _operand(self, t: int, layout: str, groups, r, batch: int):
+        """The tensor a step reads: a free core takes ``layout``; a fixed tensor that cannot be
+        read in place is copied into it."""
+        if t in self.free:
+            self.layouts[t] = layout
+            self.free.discard(t)
+        elif r is None:
+            t = self.copied[t] = self.relayout(t, layout)
+        size, stride = read(self.layouts[t], self.sizes, groups)
+        if not groups[0] and batch > 1:         # broadcast along the other operand's batch
+            size, stride = (batch,) + size[1:], (0,) + stride[1:]
+        return t, (size, stride)
+
+
+@lru_cache(maxsize=None)
+def compile_program(equation: str, shapes: tuple[tuple[int, ...], ...],
+                    steps: tuple[Step, ...]) -> Program:
+    """The :class:`Program` of ``steps`` (a pairwise tree of ``equation`` over cores of
+    ``shapes``, whose last step makes the weight)."""
+    terms = equation.split("->")[0].split(",")
+    n = len(terms)
+    sizes = {l: s for t, sh in zip(terms, shapes) for l, s in zip(t, sh)}
+    consumer = {}
+    for k, s in enumerate(steps):
+        consumer[s.left] = (k, s.right)
+        consumer[s.right] = (k, s.left)
+    fw = _Builder(list(terms), sizes, free=set(range(n)))
+    node = {i: i for i in range(n)}        # tree node id -> program tensor id
+
+    def reader(tree_node):
+        """(the other operand as a tensor id or its letters, output letters) of the step
+        that reads ``tree_node``."""
+        k, other = consumer[tree_node]
+        return (node[other] if other in node else _letters(steps, n, terms, other),
+                steps[k].out_idx)
+
+    for k, s in enumerate(steps[:-1]):
+        node[n + k] = fw.contract(node[s.left], node[s.right], s.out_idx,
+                                  consumer=reader(n + k))
+    last = steps[-1]
+    lid, rid = node[last.left], node[last.right]
+    gemm_order = None
+    for t in (lid, rid):                    # a core read only by the last step
+        if t in fw.free:
+            fw.free.discard(t)
+    # The last step reads its operands as (B, M, K) and (B, K, N) matrices.
+    lb, lf, lk = _groups(fw.layouts[lid], fw.layouts[rid], last.out_idx)
+    _, rf, _ = _groups(fw.layouts[rid], fw.layouts[lid], last.out_idx)
+    lay_l, lay_r = fw.layouts[lid], fw.layouts[rid]
+    b = "".join(l for l in lay_l if l in lb)
+    k = "".join(l for l in lay_l if l in lk)
+    rows = "".join(l for l in lay_l if l in lf)
+    cols = "".join(l for l in lay_r if l in rf)
+    rp = read(lay_l, sizes, (b, rows, k))
+    if rp is None:
+        lid = fw.relayout(lid, b + rows + k)
+        rp = read(fw.layouts[lid], sizes, (b, rows, k))
+    rq = read(lay_r, sizes, (b, k, cols))
+    if rq is None:
+        rid = fw.relayout(rid, b + k + cols)
+        rq = read(fw.layouts[rid], sizes, (b, k, cols))
+    gemm_order = b + rows + cols
+    packed = tuple(Relayout(i, i, shapes[i], tuple(terms[i].index(l) for l in fw.layouts[i]))
+                   for i in range(n) if fw.layouts[i] != terms[i])
+    forward = ((packed,) if packed else ()) + tuple(fw.code)
+    gemm = (math.prod(sizes[l] for l in b), math.prod(sizes[l] for l in rows),
+            math.prod(sizes[l] for l in cols), math.prod(sizes[l] for l in k))
+
+    # Backward: dT -> the last step's operands -> the reverse sweep -> every core.
+    bw = _Builder(fw.layouts, sizes, free=set())
+    bw.copied = dict(fw.copied)
+    grad_t = bw.new(gemm_order)
+    core_grads = [bw.new(terms[i]) for i in range(n)]
+    grads: dict[int, int] = {}           # tree node id -> program tensor of its gradient
+    unpack = []
+
+    def emit_grad(tree_node: int, p: int, q: int, letters: str) -> None:
+        if tree_node < n:
+            g = bw.contract(p, q, letters, target=terms[tree_node])
+            if bw.layouts[g] == terms[tree_node]:
+                mm = bw.code[-1]
+                bw.code[-1] = MatMul(mm.a, mm.b, Read(core_grads[tree_node], mm.out.size,
+                                                      mm.out.stride))
+            else:
+                unpack.append(Relayout(g, core_grads[tree_node], tuple(
+                    sizes[l] for l in bw.layouts[g]),
+                    tuple(bw.layouts[g].index(l) for l in terms[tree_node])))
+        else:
+            s = steps[tree_node - n]
+            readers = [(node[s.right], s.left_idx), (node[s.left], s.right_idx)]
+            grads[tree_node] = bw.contract(p, q, letters, consumer=readers,
+                                           hint=bw.layouts[node[tree_node]])
+
+    emit_grad(last.left, grad_t, rid, last.left_idx)
+    emit_grad(last.right, lid, grad_t, last.right_idx)
+    for k in range(len(steps) - 2, -1, -1):
+        s = steps[k]
+        g = grads.pop(n + k)
+        emit_grad(s.left, g, node[s.right], s.left_idx)
+        emit_grad(s.right, node[s.left], g, s.right_idx)
+    backward = _hoisted(tuple(bw.code), set(range(len(fw.layouts)))) \
+        + ((tuple(unpack),) if unpack else ())
+    to_weight = tuple(gemm_order.index(l) for l in last.out_idx)
+    numel = {t: math.prod(sizes[l] for l in lay) for t, lay in enumerate(bw.layouts)}
+    saved, recompute = _keep(forward, backward, (lid, rid), n, numel,
+                             math.prod(sizes[l] for l in last.out_idx))
+    offsets, total = [], 0
+    for t in saved:
+        offsets.append(total)
+        total += numel[t]
+    return Program(n, tuple(bw.layouts), tuple(sorted(sizes.items())), saved, tuple(offsets),
+                   total, forward, Read(lid, *rp), Read(rid, *rq), gemm, gemm_order, to_weight,
+                   grad_t, recompute, backward, tuple(core_grads))
+
+
+def _hoisted(code: tuple, ready: set[int]) -> tuple:
+    """``code`` with every relayout of a tensor that exists before it starts (``ready``: the
+    cores and the forward's results) moved into one group at its start: one call instead of
+    several."""
+    early = tuple(op for op in code if isinstance(op, Relayout) and op.src in ready)
+    rest = tuple(op for op in code if op not in early)
+    if len(early) < 2:
+        return code
+    return (early,) + rest
+
+
+#: What a forward may keep for its backward: this fraction of the weight's size, or (small
+#: layers) :data:`KEEP_ELEMENTS`; beyond it the largest intermediates are rebuilt in backward.
+KEEP_FRACTION = 0.02
+KEEP_ELEMENTS = 16384
+
+
+def _outputs(op) -> list[int]:
+    if isinstance(op, tuple):
+        return [r.dst for r in op]
+    return [op.dst] if isinstance(op, Relayout) else [op.out.tensor]
+
+
+def _inputs(op) -> list[int]:
+    if isinstance(op, tuple):           # a pack (src == dst) reads the caller's cores
+        return [r.src for r in op if r.src != r.dst]
+    return [op.src] if isinstance(op, Relayout) else [op.a.tensor, op.b.tensor]
+
+
+def _keep(forward, backward, last_operands, n, numel, weight_numel):
+    """(tensors the forward keeps, forward instructions the backward re-runs): everything the
+    backward reads, unless that exceeds the keep limit (:data:`KEEP_FRACTION`); then the last
+    step's operands, and next the largest kept results, are rebuilt instead (each costs one
+    call in backward), until what is kept fits."""
+    limit = max(KEEP_FRACTION * weight_numel, KEEP_ELEMENTS)
+    produced = {t for op in forward for t in _outputs(op)}
+    wanted = {t for op in backward for t in _inputs(op)} | set(last_operands)
+    producer = {t: op for op in forward if not isinstance(op, tuple) for t in _outputs(op)}
+    rebuilt: set[int] = set()
+
+    def plan():
+        recompute = tuple(op for op in forward if not isinstance(op, tuple)
+                          and set(_outputs(op)) & rebuilt)
+        inputs = {t for op in recompute for t in _inputs(op)}
+        return ((produced & (wanted | inputs)) - rebuilt), recompute
+
+    def rebuild(t):
+        while t in producer and t not in rebuilt:
+            rebuilt.add(t)
+            op = producer[t]
+            if not isinstance(op, Relayout):
+                break
+            t = op.src
+
+    keep, recompute = plan()
+    if sum(numel[t] for t in keep) > limit:
+        for t in last_operands:
+            rebuild(t)
+        keep, recompute = plan()
+    while sum(numel[t] for t in keep) > limit:
+        candidates = [t for t in keep if t in producer]
+        if not candidates:
+            break
+        rebuild(max(candidates, key=lambda t: numel[t]))
+        keep, recompute = plan()
+    return tuple(sorted(keep)), recompute
+
+
+def _letters(steps, n, terms, tree_node) -> str:
+    return terms[tree_node] if tree_node < n else steps[tree_node - n].out_idx
+
+
+#: opt_einsum's path finders tried for a program's tree.
+PATH_FINDERS = ("dp", "greedy", "branch-2", "branch-all")
+#: A tree may cost this much more than the cheapest (in opt_einsum's flop count) if it saves
+#: operator calls: the small steps are a few kflops at the ranks used, the calls are not free.
+FLOP_SLACK = 1.5
+
+
+@lru_cache(maxsize=None)
+def program_for(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Program:
+    """The cheapest :class:`Program` for ``equation``: among the trees opt_einsum's path
+    finders propose, the fewest operator calls (copies count), within :data:`FLOP_SLACK` of
+    the fewest flops."""
+    found = {}
+    for finder in PATH_FINDERS:
+        if finder == "branch-all" and equation.count(",") > 8:
+            continue
+        path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=finder)
+        if any(len(p) != 2 for p in path):
+            continue
+        steps = tree_steps(equation, path)
+        found[steps] = int(info.opt_cost)
+    cheapest = min(found.values())
+    programs = [(_calls(compile_program(equation, shapes, s)), cost, compile_program(
+        equation, shapes, s)) for s, cost in found.items() if cost <= FLOP_SLACK * cheapest]
+    return min(programs, key=lambda t: t[:2])[2]
+
+
+def _calls(p: Program) -> int:
+    return len(p.forward) + len(p.backward)
+
+
+# -- running a program in torch ------------------------------------------------------------------
+# A tensor of a running program is a place: (a flat buffer or a core, element offset). Every
+# operand is one ``as_strided`` view of its place: views cost host time too.
+
+def _contiguous(shape) -> tuple[int, ...]:
+    out, s = [], 1
+    for n in reversed(shape):
+        out.append(s)
+        s *= n
+    return tuple(reversed(out))
+
+
+def _view(place, size, stride) -> torch.Tensor:
+    base, offset = place
+    return base.as_strided(size, stride, base.storage_offset() + offset)
+
+
+@lru_cache(maxsize=None)
+def _relayout_views_of(r: Relayout):
+    """(dst size, dst stride, src size, src stride) of a relayout, all as one view each."""
+    src_stride = _contiguous(r.shape)
+    size = tuple(r.shape[p] for p in r.perm)
+    return size, _contiguous(size), size, tuple(src_stride[p] for p in r.perm)
+
+
+def _pair(r: Relayout, places: dict, sources: dict | None):
+    dsize, dstride, ssize, sstride = _relayout_views_of(r)
+    packing = sources is not None and r.src == r.dst      # a core into its packed layout
+    return (_view(places[r.dst], dsize, dstride),
+            _view((sources if packing else places)[r.src], ssize, sstride))
+
+
+def _run(code, places: dict, sources: dict | None = None) -> None:
+    for op in code:
+        if isinstance(op, tuple):               # a group of relayouts: one call
+            pairs = [_pair(r, places, sources) for r in op]
+            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        elif isinstance(op, Relayout):
+            dst, src = _pair(op, places, sources)
+            dst.copy_(src)
+        else:
+            torch.bmm(_view(places[op.a.tensor], op.a.size, op.a.stride),
+                      _view(places[op.b.tensor], op.b.size, op.b.stride),
+                      out=_view(places[op.out.tensor], op.out.size, op.out.stride))
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch_layout(prog: Program, code, taken) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(tensor, offset) of every result of ``code`` not in ``taken``, in one buffer; cached."""
+    key = (id(prog), id(code))
+    if key not in _SCRATCH:
+        out, total = [], 0
+        for op in code:
+            for t in _outputs(op):
+                if t not in taken and all(t != o for o, _ in out):
+                    out.append((t, total))
+                    total += prog.numel(t)
+        _SCRATCH[key] = (tuple(out), total)
+    return _SCRATCH[key]
+
+
+def _places(prog: Program, cores, saved, code) -> tuple[dict, dict]:
+    """Places of the cores, the saved results and (in one fresh buffer) ``code``'s others."""
+    originals = {i: (c if c.is_contiguous() else c.contiguous(), 0) for i, c in enumerate(cores)}
+    places = {i: originals[i] for i in range(prog.n_cores) if i not in prog.packed}
+    for t, o in zip(prog.saved, prog.offsets):
+        places[t] = (saved, o)
+    layout, total = _scratch_layout(prog, code, frozenset(places) | prog.fixed_outputs)
+    if total:
+        buffer = saved.new_empty(total)
+        for t, o in layout:
+            places[t] = (buffer, o)
+    return places, originals
+
+
+def _operands(prog: Program, places: dict):
+    return (_view(places[prog.left.tensor], prog.left.size, prog.left.stride),
+            _view(places[prog.right.tensor], prog.right.size, prog.right.stride))
+
+
+def run_forward(prog: Program, cores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(saved, left, right): what the backward needs in one flat buffer, and the last step's
+    operands as ``(B, M, K)`` / ``(B, K, N)`` strided views."""
+    saved = cores[0].new_empty(prog.saved_numel)
+    places, originals = _places(prog, cores, saved, prog.forward)
+    _run(prog.forward, places, sources=originals)
+    return (saved, *_operands(prog, places))
+
+
+def operands(prog: Program, cores, saved: torch.Tensor):
+    """(left, right, places): the last step's operands from a forward's ``saved`` buffer
+    (re-running the forward instructions it did not keep), and where every tensor lies."""
+    places, _ = _places(prog, cores, saved, prog.recompute + prog.backward)
+    _run(prog.recompute, places)
+    return (*_operands(prog, places), places)
+
+
+def run_backward(prog: Program, cores, saved: torch.Tensor, grad_t: torch.Tensor,
+                 places: dict | None = None) -> list[torch.Tensor]:
+    """Every (pre-reduced) core's gradient, in the core's layout, from dL/dT given as the
+    last step's ``(B, M, N)`` result (contiguous); ``places``: from :func:`operands`."""
+    if places is None:
+        places = operands(prog, cores, saved)[2]
+    places[prog.grad_t] = (grad_t.contiguous(), 0)
+    out = [saved.new_empty(prog.shape(t)) for t in prog.core_grads]
+    for t, g in zip(prog.core_grads, out):
+        places[t] = (g, 0)
+    _run(prog.backward, places)
+    return out

@@ -1,0 +1,77 @@
+"""Contraction programs (strided GEMMs, no operand copies) against an fp64 einsum oracle, over
+the DDPM's layer shapes and odd ones: the weight, every core's gradient, what is kept."""
+import pytest
+import torch
+from torch import nn
+
+from tenvoo_fast import (LoHaConv3d, LoKrConv3d, LoRAConv3d, QuanTALinear, TenVOOConv3d)
+from tenvoo_fast.contraction import program as P
+from tenvoo_fast.contraction.prereduce import plan, reduce_cores
+from tests.ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
+
+CONV = {"tenvoo-l": lambda c, r: TenVOOConv3d.from_conv(c, r, "L"),
+        "tenvoo-q": lambda c, r: TenVOOConv3d.from_conv(c, r, "Q"),
+        "lora": LoRAConv3d.from_conv, "loha": LoHaConv3d.from_conv, "lokr": LoKrConv3d.from_conv}
+ODD = [(24, 40, (3, 1, 2), 3), (6, 12, (1, 3, 3), 5), (1, 8, (3, 3, 3), 2)]
+
+
+def _cases():
+    for name in CONV:
+        for cin, cout in DDPM_CONV_SHAPES[::4]:
+            yield name, cin, cout, 3, 4
+        for cin, cout, k, r in ODD:
+            yield name, cin, cout, k, r
+
+
+def _network(name, cin, cout, k, r):
+    if name == "quanta":
+        layer = QuanTALinear.from_linear(nn.Linear(cin, cout), r)
+    else:
+        layer = CONV[name](nn.Conv3d(cin, cout, k), r)
+    net = layer.network
+    cores = [c.detach().double().normal_() for c in net.views(list(layer.cores))]
+    p = plan(net.equation, tuple(tuple(c.shape) for c in cores))
+    return p, reduce_cores(p, cores)
+
+
+def _check(p, reduced):
+    prog = P.program_for(p.equation, p.shapes)
+    saved, left, right = P.run_forward(prog, reduced)
+    t = torch.bmm(left, right)
+    sizes = dict(prog.sizes)
+    weight = t.reshape([sizes[x] for x in prog.gemm_order]).permute(prog.to_weight)
+    leaves = [c.clone().requires_grad_() for c in reduced]
+    oracle = torch.einsum(p.equation, *leaves)
+    # fp64, different summation orders: bounded relative to the largest entry.
+    torch.testing.assert_close(weight, oracle, rtol=0, atol=1e-12 * oracle.abs().max().item())
+    g = torch.randn_like(oracle)
+    (oracle * g).sum().backward()
+    out_idx = p.equation.split("->")[1]
+    g_gemm = g.permute([out_idx.index(x) for x in prog.gemm_order]).reshape(t.shape)
+    for mine, leaf in zip(P.run_backward(prog, reduced, saved, g_gemm), leaves):
+        torch.testing.assert_close(mine, leaf.grad, rtol=0,
+                                   atol=1e-12 * leaf.grad.abs().max().item())
+    return prog
+
+
+@pytest.mark.parametrize("name,cin,cout,k,r", list(_cases()))
+def test_conv_programs_match_the_oracle(name, cin, cout, k, r):
+    torch.manual_seed(0)
+    _check(*_network(name, cin, cout, k, r))
+
+
+@pytest.mark.parametrize("shape", DDPM_LINEAR_SHAPES + [(24, 40)])
+def test_quanta_programs_match_the_oracle(shape):
+    torch.manual_seed(0)
+    _check(*_network("quanta", *shape, None, 4))
+
+
+@pytest.mark.parametrize("variant", "LQ")
+def test_programs_copy_little_and_keep_little(variant):
+    """Over the DDPM's TenVOO layers: a few copy calls per step (a group of relayouts is one),
+    and what the forward keeps within the limit (2% of the weight or 16384 numbers)."""
+    for cin, cout in DDPM_CONV_SHAPES:
+        p, reduced = _network(f"tenvoo-{variant.lower()}", cin, cout, 3, 4)
+        prog = P.program_for(p.equation, p.shapes)
+        assert prog.copies <= (10 if variant == "L" else 16), (cin, cout, prog.copies)
+        assert prog.saved_numel <= max(P.KEEP_FRACTION * cin * cout * 27, P.KEEP_ELEMENTS)

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     passed.add_argument("--autotune", action="store_true", default=None,
                         help="measure each layer's backend and strategy first (see finetune)")
     passed.add_argument("--seed", type=non_negative_int, help="seed")
+    passed.add_argument("--count-launches", action="store_true", default=None,
+                        help="count one step's launches, copies, views and host syncs per "
+                             "method (see finetune): a table in profile.md, a panel in "
+                             "profile.png")
     pr.set_defaults(func=_command(compare.run))
 
     sa = commands.add_parser(

@@ -5,7 +5,8 @@ the other options given), one after another in this process; their step time, pe
 parameter counts go to:
 
 - ``DIR/profile.md``: a markdown table, with ratios against the first method;
-- ``DIR/profile.png``: a bar chart (step time, peak memory, trainable parameters);
+- ``DIR/profile.png``: a bar chart (step time, peak memory, trainable parameters, and with
+  ``--count-launches`` the launches of one counted step);
 - ``DIR/profile.json``: the raw rows, device, versions and date.
 
 On the CPU, peak memory is the process's peak resident set size, which only grows from one
@@ -34,12 +35,13 @@ PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
              ("batch_size", "--batch-size"), ("num_volumes", "--num-volumes"), ("lr", "--lr"),
              ("data", "--data"), ("base_weights", "--base-weights"), ("device", "--device"),
              ("amp", "--amp"), ("seed", "--seed"), ("backend", "--backend"),
-             ("strategy", "--strategy"), ("autotune", "--autotune"))
+             ("strategy", "--strategy"), ("autotune", "--autotune"),
+             ("count_launches", "--count-launches"))
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",
             "step_time_s", "volumes_per_s", "peak_memory_bytes", "val_loss", "amp", "backend",
-            "execution", "strategy")
+            "execution", "strategy", "launches")
 
 
 def method_options(opts: argparse.Namespace, method: str) -> FinetuneOptions:
@@ -163,7 +165,37 @@ def markdown_table(profile: dict, details: bool = True) -> str:
                     "one after another in one process and the peak RSS only grows, so each row "
                     "is the peak so far, never less than the rows above it; compare memory on "
                     "CUDA, or run the methods one per process.")
-    return "\n".join(lines) + "\n\n" + caption + "\n" + execution_table(rows, details)
+    return ("\n".join(lines) + "\n\n" + caption + "\n" + launch_table(rows)
+            + execution_table(rows, details))
+
+
+def launch_table(rows: list[dict]) -> str:
+    """The counted step of each method (``--count-launches``): what it asked of the host, in
+    total and per counted layer; empty if nothing was counted."""
+    counted = [r for r in rows if r.get("launches")]
+    if not counted:
+        return ""
+    first = counted[0]["launches"]["step"]["launches"]
+    lines = ["", "### Launches (one counted training step)", "",
+             f"| method | launches / step | vs {counted[0]['method']} | copies | views "
+             "| allocations | host syncs | Triton | counted layers | launches / layer "
+             "| copies / layer | optimizer launches |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in counted:
+        c = r["launches"]
+        step, per = c["step"], c["per_layer"] or {}
+        lines.append(
+            f"| {r['method']} | {step['launches']:,} | {_ratio(step['launches'], first)} "
+            f"| {step['copies']:,} | {step['views']:,} | {step['allocations']:,} "
+            f"| {step['syncs']:,} | {step['triton']:,} | {c['layers']} "
+            f"| {per.get('launches', 0):.1f} | {per.get('copies', 0):.1f} "
+            f"| {c['optimizer']['launches']:,} |")
+    lines += ["", "Counted with a TorchDispatchMode (tenvoo_fast.measure.launches) over one "
+              "optimizer step after the warm-up, all micro-batches: ATen calls that launch a "
+              "kernel (copies included) plus Triton launches; the counted layers are the "
+              "adapted ones (full fine-tuning: every Conv3d and Linear). Host syncs include "
+              "the optimizer's (CPU Adam reads each step count) and the loss's item().", ""]
+    return "\n".join(lines) + "\n"
 
 
 def _how(layer: dict) -> str:
@@ -208,7 +240,10 @@ def plot(profile: dict, path: Path) -> None:
         (memory_label, [r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20 for r in rows]),
         ("trainable parameters", [r["trainable_params"] for r in rows]),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(4 * 3 + 1, 4))
+    if any(r.get("launches") for r in rows):
+        panels.append(("launches per step", [r["launches"]["step"]["launches"]
+                                             if r.get("launches") else None for r in rows]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels) + 1, 4))
     for ax, (title, values) in zip(axes, panels):
         heights = [v or 0 for v in values]
         bars = ax.bar(names, heights, color=[f"C{i}" for i in range(len(names))])

@@ -47,6 +47,7 @@ from ..model import (AdapterConfig, BaseMismatchWarning, adapter_layers, adapter
 from ..model.config import METHODS as ADAPTER_METHODS
 from . import run_checkpoint
 from .data import training_volumes
+from .launch_count import counting, summary as launch_summary
 from .profiler import step_profiler
 from .run_options import FinetuneOptions
 from .run_state import (ADAPTER, METRICS, TRAINED, check_finite_parameters, prepare_out,
@@ -209,6 +210,7 @@ class _Training:
     device: torch.device
     start: int
     steps: int
+    launches: dict | None = None        # --count-launches: the counted step's report
 
     @classmethod
     def begin(cls, opts, model, state, train_set, amp, device, rank, world_size, say):
@@ -223,8 +225,10 @@ class _Training:
             model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)
+        # Fused Adam: one call per step for all parameters, instead of ~8 per parameter (an
+        # adapter has ~10 small tensors per layer; README, "Launches").
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                     lr=opts.lr)
+                                     lr=opts.lr, fused=True)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         # Noise and timesteps come from their own generator (distinct per rank); the data order
         # from the sampler's seed and epoch and the position in the epoch. Both are
@@ -285,27 +289,38 @@ def _train(t: _Training, opts, out: Path, checkpoint, main: bool, world_size: in
                 else None)
     bar = progress_bar(t.start, steps, enabled=main and sys.stderr.isatty())
     stopped, step = None, t.start
+    # The step counted by --count-launches: the first after the warm-up (the last if fewer);
+    # counting slows it, so its time is left out of the median.
+    counted = min(t.start + WARMUP_STEPS + 1, steps) if opts.count_launches and main else None
     try:
         with stopper, profiler or nullcontext():
             for step in range(t.start + 1, steps + 1):
                 synchronize(device)
                 began = time.perf_counter()
                 try:
-                    loss, volumes = optimizer_step(t.model, t.batches, t.inferer, t.optimizer,
-                                                   t.scaler, t.autocast, opts.accum, device,
-                                                   world_size, t.noise_rng)
+                    with (counting(unwrap(t.model), t.optimizer) if step == counted
+                          else nullcontext()) as report:
+                        loss, volumes = optimizer_step(t.model, t.batches, t.inferer,
+                                                       t.optimizer, t.scaler, t.autocast,
+                                                       opts.accum, device, world_size,
+                                                       t.noise_rng)
                 except NonFiniteLoss as e:
                     raise RunError(non_finite_message(e, step, t.model, out)) from None
                 synchronize(device)
-                times.append(time.perf_counter() - began)
+                elapsed = time.perf_counter() - began
+                if step == counted:
+                    t.launches = report
+                    say(f"step {step} counted: " + launch_summary(report))
+                else:
+                    times.append(elapsed)
                 t.run["losses"].append(loss)
                 memory = peak_memory_bytes(device)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", vol_s=f"{volumes / times[-1]:.2f}",
+                    bar.set_postfix(loss=f"{loss:.4f}", vol_s=f"{volumes / elapsed:.2f}",
                                     mem=gib(memory))
                     bar.update()
                 elif step % opts.log_every == 0 or step == steps:
-                    say(f"step {step}/{steps}  loss {loss:.4f}  {volumes / times[-1]:.2f} vol/s  "
+                    say(f"step {step}/{steps}  loss {loss:.4f}  {volumes / elapsed:.2f} vol/s  "
                         f"peak memory {gib(memory)}")
                 if profiler is not None:
                     profiler.step()
@@ -335,6 +350,8 @@ def _report(t: _Training, opts, out: Path, identity: dict, metrics: dict, times,
                    volumes_per_s=volumes_per_step / step_time if step_time else None,
                    peak_memory_bytes=peak_memory_bytes(device),
                    execution=execution_plan(t.model), status="finished")
+    if t.launches is not None:
+        metrics["launches"] = t.launches
     say("validation loss: " + (
         f"{val_loss:.4f} ({len(val_set)} volume(s) x {VAL_TIMESTEPS} timesteps)"
         if val_loss is not None else "n/a (no validation volume)"))

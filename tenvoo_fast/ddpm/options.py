@@ -171,5 +171,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--profile", action="store_true",
                      help=f"profile {PROFILE_STEPS} optimizer steps after a warm-up "
                           "step: DIR/trace.json (Chrome trace) and DIR/profile.txt")
+    run.add_argument("--count-launches", action="store_true",
+                     help="count the operator calls, Triton launches, copies, views, "
+                          "allocations and host syncs of one step after the warm-up (its time "
+                          "is left out of the median), in total and per layer; they go to "
+                          "metrics.json ('launches')")
 
 

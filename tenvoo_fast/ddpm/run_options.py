@@ -59,6 +59,7 @@ class FinetuneOptions:
     log_every: int = 10
     dry_run: bool = False
     profile: bool = False
+    count_launches: bool = False
 
     @classmethod
     def from_namespace(cls, ns) -> "FinetuneOptions":

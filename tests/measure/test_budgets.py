@@ -1,0 +1,83 @@
+"""Launch budgets of one adapted layer's training step (forward and backward), beyond what the
+same layer costs trainable and plain, counted on the CPU (counts do not depend on the device).
+
+The budgets are what the torch path achieves today (README, "Launches"); they only go down.
+"""
+import pytest
+import torch
+from torch import nn
+
+import tenvoo_fast
+from tenvoo_fast.measure.launches import count_step
+from tests.ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
+from tests.layer_checks import CONV_MAKERS, LINEAR_MAKERS
+
+#: method -> (extra launches, extra copies) of an adapted Conv3d's step on the torch backend.
+CONV_BUDGETS = {"tenvoo-l": (45, 11), "tenvoo-q": (61, 22), "lora": (7, 1), "loha": (14, 1),
+                "lokr": (10, 1)}
+#: The same for an adapted Linear (QuanTA) on the backend the CPU runs it with (reference).
+LINEAR_BUDGET = (13, 5)
+
+
+def _step(layer, x):
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).sum().backward()
+    return run
+
+
+def _counts(layer, x):
+    run = _step(layer, x)
+    run()                                   # warm-up: caches (T(θ0), plans)
+    c = count_step(run, {"layer": layer})
+    return c.counts["layer"]
+
+
+def extra_counts(method, cin, cout, backend, strategy, rank=4):
+    """(launches, copies, syncs) of an adapted layer's step beyond the trainable plain one."""
+    torch.manual_seed(0)
+    if method in LINEAR_MAKERS and method == "quanta":
+        plain = nn.Linear(cin, cout)
+        layer = LINEAR_MAKERS[method](nn.Linear(cin, cout), rank)
+        x = torch.randn(4, cin, requires_grad=True)
+    else:
+        plain = nn.Conv3d(cin, cout, 3, padding=1)
+        layer = CONV_MAKERS[method](nn.Conv3d(cin, cout, 3, padding=1), rank)
+        x = torch.randn(1, cin, 2, 2, 2, requires_grad=True)
+    with tenvoo_fast.use_backend(backend), tenvoo_fast.use_strategy(strategy):
+        adapted = _counts(layer, x)
+    base = _counts(plain, x)
+    return (adapted.launches - base.launches, adapted.copies - base.copies, adapted.syncs)
+
+
+@pytest.mark.parametrize("method", list(CONV_BUDGETS))
+@pytest.mark.parametrize("shape", DDPM_CONV_SHAPES[::3] + [(24, 40)])
+def test_adapted_conv_launch_budget_on_the_torch_path(method, shape):
+    launches, copies, syncs = extra_counts(method, *shape, "torch", "merged")
+    budget, copy_budget = CONV_BUDGETS[method]
+    assert launches <= budget, f"{method} {shape}: +{launches} launches (budget {budget})"
+    assert copies <= copy_budget, f"{method} {shape}: +{copies} copies (budget {copy_budget})"
+    assert syncs == 0
+
+
+@pytest.mark.parametrize("shape", DDPM_LINEAR_SHAPES)
+def test_adapted_linear_launch_budget(shape):
+    launches, copies, syncs = extra_counts("quanta", *shape, "reference", "auto")
+    assert launches <= LINEAR_BUDGET[0] and copies <= LINEAR_BUDGET[1], (launches, copies)
+    assert syncs == 0
+
+
+BACKEND_STRATEGIES = [("reference", "auto"), ("torch", "merged"), ("torch", "factorized")]
+
+
+@pytest.mark.parametrize("backend,strategy", BACKEND_STRATEGIES)
+@pytest.mark.parametrize("method", ["tenvoo-l", "tenvoo-q", "lora", "loha", "lokr", "quanta"])
+def test_no_host_sync_inside_adapted_layers(method, backend, strategy):
+    """Nothing in an adapted layer's forward or backward makes the host wait for the device
+    (``item()``, data-dependent shapes, device-to-host copies)."""
+    if strategy == "factorized" and method not in ("tenvoo-l", "tenvoo-q", "quanta"):
+        pytest.skip("factorized runs TenVOO and QuanTA only")
+    shape = (32, 64) if method != "quanta" else (128, 64)
+    *_, syncs = extra_counts(method, *shape, backend, strategy)
+    assert syncs == 0

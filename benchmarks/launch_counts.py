@@ -6,7 +6,12 @@ warm-up steps) is counted by :class:`tenvoo_fast.measure.launches.LaunchCounter`
 depend on the volume size or the device, so a CPU run predicts what a GPU's host must issue
 (kernels that ATen runs internally aside); they are deterministic.
 
-Usage (writes DIR/launch-counts.json and .md, and prints the table)::
+A second table counts one adapted layer's training step beyond the same layer trainable and
+plain, per method x backend, at two DDPM shapes (the ``triton`` backend in Triton's interpreter
+when there is no GPU: launches are what its launcher issues either way); a third gives the
+``triton`` backend's launch plan over every DDPM conv shape (no execution).
+
+Usage (writes DIR/launch-counts.json and .md, and prints the tables)::
 
     python benchmarks/launch_counts.py --out benchmarks/results/launch-counts-cpu-DATE
     python benchmarks/launch_counts.py --configs full tenvoo-l:torch:merged  # a subset
@@ -15,8 +20,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import tempfile
 from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():          # before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tenvoo_fast.ddpm import finetune
 from tenvoo_fast.ddpm.run_options import FinetuneOptions
@@ -44,6 +55,80 @@ def count(config: str, size: int, rank: int, amp: str, work: Path) -> dict:
                 execution=how, **metrics["launches"])
 
 
+#: Per-layer table: (method, backends) at these (Cin, Cout) of the DDPM's 3x3x3 convs, r=4.
+LAYER_SHAPES = ((32, 64), (128, 256))
+LAYER_METHODS = ("lora", "loha", "lokr", "tenvoo-l", "tenvoo-q")
+LAYER_BACKENDS = (("reference", "auto"), ("torch", "merged"), ("triton", "merged"))
+
+
+def _conv_adapter(method: str, conv, rank: int):
+    from tenvoo_fast import LoHaConv3d, LoKrConv3d, LoRAConv3d, TenVOOConv3d
+    if method.startswith("tenvoo-"):
+        return TenVOOConv3d.from_conv(conv, rank, method[-1].upper())
+    return {"lora": LoRAConv3d, "loha": LoHaConv3d, "lokr": LoKrConv3d}[method].from_conv(
+        conv, rank)
+
+
+def layer_rows(rank: int) -> list[dict]:
+    """Each method x backend's extra launches and copies per adapted Conv3d step."""
+    import tenvoo_fast
+    from tenvoo_fast.measure.launches import extra_step_counts
+    rows = []
+    for method in LAYER_METHODS:
+        for backend, strategy in LAYER_BACKENDS:
+            row = dict(method=method, backend=backend, strategy=strategy, shapes={})
+            for cin, cout in LAYER_SHAPES:
+                torch.manual_seed(0)
+                plain = torch.nn.Conv3d(cin, cout, 3, padding=1)
+                layer = _conv_adapter(method, torch.nn.Conv3d(cin, cout, 3, padding=1), rank)
+                x = torch.randn(1, cin, 2, 2, 2, requires_grad=True)
+                with tenvoo_fast.use_backend(backend), tenvoo_fast.use_strategy(strategy):
+                    row["shapes"][f"{cin}->{cout}"] = extra_step_counts(layer, plain, x).as_dict()
+            rows.append(row)
+    return rows
+
+
+def plan_rows(rank: int) -> list[dict]:
+    """The ``triton`` backend's launches per adapted Conv3d step over every DDPM conv shape,
+    from its launch plan (3 fixed launches + the tree's)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repository's tests/
+    from tenvoo_fast.triton_kernels.launch_tree import fused_for
+    from tests.ddpm_shapes import DDPM_CONV_SHAPES
+    rows = []
+    for method in LAYER_METHODS:
+        counts = {}
+        for cin, cout in DDPM_CONV_SHAPES:
+            layer = _conv_adapter(method, torch.nn.Conv3d(cin, cout, 3), rank)
+            net = layer.network
+            f = fused_for(net.equation, tuple(tuple(c.shape) for c in net.views(layer.cores)))
+            counts[f"{cin}->{cout}"] = (None if f is None else
+                                        3 + len(f.forward_launches) + len(f.backward_launches))
+        rows.append(dict(method=method, launches=counts))
+    return rows
+
+
+def layer_table(rows: list[dict]) -> str:
+    heads = [f"{s} launches / copies" for s in (f"{a}->{b}" for a, b in LAYER_SHAPES)]
+    lines = ["| method | backend | " + " | ".join(heads) + " |",
+             "|---|---|" + "---:|" * len(heads)]
+    for r in rows:
+        cells = [f"+{c['launches']} / +{c['copies']}" for c in r["shapes"].values()]
+        lines.append(f"| {r['method']} | {r['backend']} ({r['strategy']}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plan_table(rows: list[dict]) -> str:
+    lines = ["| method | shapes within 6 | launches (min-max) | over 6 |", "|---|---:|---:|---|"]
+    for r in rows:
+        n = [v for v in r["launches"].values() if v is not None]
+        over = ", ".join(f"{k}: {v}" for k, v in r["launches"].items() if v is not None and v > 6)
+        lines.append(f"| {r['method']} | {sum(v <= 6 for v in n)} of {len(r['launches'])} | "
+                     f"{min(n)}-{max(n)} | {over or '-'} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     full = next((r for r in rows if r["method"] == "full"), rows[0])["step"]["launches"]
     lines = ["| configuration | ran as | launches / step | vs full | copies | views | host syncs "
@@ -66,7 +151,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--amp", default="bf16")
     ap.add_argument("--out", default="runs/launch-counts", help="output folder")
+    ap.add_argument("--no-layers", action="store_true", help="skip the per-layer tables")
     args = ap.parse_args(argv)
+    layers = [] if args.no_layers else layer_rows(args.rank)
+    plans = [] if args.no_layers else plan_rows(args.rank)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for config in args.configs:
@@ -80,9 +168,14 @@ def main(argv=None) -> None:
                   command="python benchmarks/launch_counts.py " + " ".join(
                       f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                       for k, v in vars(args).items()),
-                  rows=rows)
+                  rows=rows, layers=layers, triton_plans=plans)
     write_json_atomic(out / "launch-counts.json", result)
     text = table(rows)
+    if layers:
+        text += ("\n\nOne adapted 3x3x3 Conv3d's training step beyond the same conv trainable "
+                 f"(r={args.rank}, fp32, 2x2x2 volume):\n\n{layer_table(layers)}"
+                 "\n\nThe triton backend's launches per adapted Conv3d step over the DDPM's "
+                 f"{len(plans[0]['launches'])} conv shapes (launch plan):\n\n{plan_table(plans)}")
     with atomic_path(out / "launch-counts.md") as tmp:
         Path(tmp).write_text(
         f"Paper DDPM UNet, {args.size}^3, bf16 autocast, r={args.rank}, one counted step "

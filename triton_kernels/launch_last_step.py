@@ -44,9 +44,16 @@ def build(lay: Layout, left: torch.Tensor, right: torch.Tensor, weight_shape, sc
     frozen_ = frozen.float().contiguous() if frozen is not None else out
     grid = (triton.cdiv(M, k.BLOCK_M), triton.cdiv(N, k.BLOCK_N), B)
     _launch(k.build_kernel, grid, a, b, off_b, off_m, off_n, base_, frozen_, out, M, N, K,
-            float(scale), EFFECTIVE=effective, HAS_FROZEN=frozen is not None,
-            HAS_SCALE=scale != 1.0, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_K=k.BLOCK_K)
+            float(scale), *a.stride(), *b.stride(), EFFECTIVE=effective,
+            HAS_FROZEN=frozen is not None, HAS_SCALE=scale != 1.0, BLOCK_M=k.BLOCK_M,
+            BLOCK_N=k.BLOCK_N, BLOCK_K=k.BLOCK_K)
     return out
+
+
+def grid_of_grads(B: int, M: int, N: int, K: int) -> tuple[int, int, int]:
+    """:func:`~.last_step.grads_kernel`'s grid: dL/dL's tiles, then dL/dR's, per batch."""
+    tiles_k = triton.cdiv(K, k.BLOCK_K)
+    return (triton.cdiv(M, k.BLOCK_M) * tiles_k + tiles_k * triton.cdiv(N, k.BLOCK_N), 1, B)
 
 
 def grads(lay: Layout, grad_weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
@@ -58,11 +65,8 @@ def grads(lay: Layout, grad_weight: torch.Tensor, left: torch.Tensor, right: tor
     g = grad_weight.contiguous()
     ga = torch.empty_like(a)
     gb = torch.empty_like(b)
-    consts = dict(HAS_SCALE=scale != 1.0, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N,
-                  BLOCK_K=k.BLOCK_K)
-    _launch(k.grad_left_kernel, (triton.cdiv(M, k.BLOCK_M), triton.cdiv(K, k.BLOCK_K), B), g, b,
-            off_b, off_m, off_n, ga, M, N, K, float(scale), **consts)
-    _launch(k.grad_right_kernel, (triton.cdiv(K, k.BLOCK_K), triton.cdiv(N, k.BLOCK_N), B), g, a,
-            off_b, off_m, off_n, gb, M, N, K, float(scale), **consts)
+    _launch(k.grads_kernel, grid_of_grads(B, M, N, K), g, a, b, off_b, off_m, off_n, ga, gb,
+            M, N, K, float(scale), *a.stride(), *b.stride(), *ga.stride(), *gb.stride(),
+            HAS_SCALE=scale != 1.0, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_K=k.BLOCK_K)
     return (unmatrix(ga, lay, lay.batch + lay.rows + lay.bond, lay.left_idx),
             unmatrix(gb, lay, lay.batch + lay.bond + lay.cols, lay.right_idx))

@@ -478,12 +478,15 @@ FLOP_SLACK = 1.5
 
 
 @lru_cache(maxsize=None)
-def program_for(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Program:
-    """The cheapest :class:`Program` for ``equation``: among the trees opt_einsum's path
-    finders propose, the fewest operator calls (copies count), within :data:`FLOP_SLACK` of
-    the fewest flops."""
+def candidates(equation: str, shapes: tuple[tuple[int, ...], ...],
+               slack: float = None) -> tuple[tuple[int, "Program"], ...]:
+    """``(flops, program)`` of every tree opt_einsum's path finders propose (and its dynamic
+    programming by fewest written elements), within ``slack`` (:data:`FLOP_SLACK`) of the
+    fewest flops."""
+    slack = FLOP_SLACK if slack is None else slack
     found = {}
-    for finder in PATH_FINDERS:
+    finders = PATH_FINDERS + (opt_einsum.DynamicProgramming(minimize="write"),)
+    for finder in finders:
         if finder == "branch-all" and equation.count(",") > 8:
             continue
         path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=finder)
@@ -492,9 +495,16 @@ def program_for(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Program:
         steps = tree_steps(equation, path)
         found[steps] = int(info.opt_cost)
     cheapest = min(found.values())
-    programs = [(_calls(compile_program(equation, shapes, s)), cost, compile_program(
-        equation, shapes, s)) for s, cost in found.items() if cost <= FLOP_SLACK * cheapest]
-    return min(programs, key=lambda t: t[:2])[2]
+    return tuple((cost, compile_program(equation, shapes, s)) for s, cost in found.items()
+                 if cost <= slack * cheapest)
+
+
+@lru_cache(maxsize=None)
+def program_for(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Program:
+    """The cheapest :class:`Program` for ``equation``: among the trees opt_einsum's path
+    finders propose, the fewest operator calls (copies count), within :data:`FLOP_SLACK` of
+    the fewest flops."""
+    return min(candidates(equation, shapes), key=lambda t: (_calls(t[1]), t[0]))[1]
 
 
 def _calls(p: Program) -> int:

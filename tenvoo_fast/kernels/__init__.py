@@ -9,6 +9,8 @@ that runs each heavy step; every module of one step has the same functions and f
 - the factorized conv's activation-sized maps (``operand``, ``project``, ``add_expanded``,
   ``outer``): :mod:`.torch_activation_maps` (also for ``native``, which has none of its own)
   or the fused Triton kernels (:mod:`tenvoo_fast.triton_kernels.launch_factorized`);
+- the whole contraction in a few launches (``fused_for``, ``forward``, ``build``, ``core_grads``):
+  Triton only (:mod:`tenvoo_fast.triton_kernels.launch_tree`);
 - the implicit-GEMM conv (``forward``, ``input_grad``, ``operand_grads``): Triton only
   (:mod:`tenvoo_fast.triton_kernels.launch_conv`).
 
@@ -31,6 +33,7 @@ MODULES = {
                         "native": ".kernels.torch_activation_maps",
                         "triton": ".triton_kernels.launch_factorized"},
     "implicit_conv": {"triton": ".triton_kernels.launch_conv"},
+    "tree": {"triton": ".triton_kernels.launch_tree"},
 }
 
 
@@ -59,3 +62,9 @@ def activation_maps(impl: str):
 def implicit_conv(impl: str):
     """The implicit-GEMM conv: ``forward``, ``input_grad``, ``operand_grads``."""
     return implementation("implicit_conv", impl)
+
+
+def tree(impl: str):
+    """The whole contraction in a few launches: ``fused_for``, ``forward``, ``build``,
+    ``core_grads``."""
+    return implementation("tree", impl)

@@ -35,20 +35,32 @@ def configurations():
             continue  # ΔW alone is always fp32, without a frozen copy
         sig = dict(left="*fp32", right="*fp32", off_b="*i64", off_m="*i64", off_n="*i64",
                    base=f"*{dt}", frozen="*fp32", out=f"*{dt}", **ints,
+                   **{n: "i32" for n in ("l_b", "l_m", "l_k", "r_b", "r_k", "r_n")},
                    EFFECTIVE="constexpr", HAS_FROZEN="constexpr", HAS_SCALE="constexpr",
                    **{b: "constexpr" for b in blocks})
         consts = dict(EFFECTIVE=effective, HAS_FROZEN=frozen, HAS_SCALE=scaled, **blocks)
         name = (f"build_kernel[{'effective' if effective else 'delta'}"
                 f"{',frozen' if frozen else ''}{',scale' if scaled else ''},{dt}]")
         yield name, k.build_kernel, sig, consts
-    for fn, other, out in ((k.grad_left_kernel, "right", "grad_left"),
-                           (k.grad_right_kernel, "left", "grad_right")):
-        for scaled, dt in itertools.product((False, True), DTYPES):
-            sig = {"grad": f"*{dt}", other: "*fp32", "off_b": "*i64", "off_m": "*i64",
-                   "off_n": "*i64", out: "*fp32", **ints, "HAS_SCALE": "constexpr",
-                   **{b: "constexpr" for b in blocks}}
-            consts = dict(HAS_SCALE=scaled, **blocks)
-            yield f"{fn.__name__}[{'scale,' if scaled else ''}{dt}]", fn, sig, consts
+    strides = {n: "i32" for n in ("l_b", "l_m", "l_k", "r_b", "r_k", "r_n", "gl_b", "gl_m",
+                                  "gl_k", "gr_b", "gr_k", "gr_n")}
+    for scaled, dt in itertools.product((False, True), DTYPES):
+        sig = {"grad": f"*{dt}", "left": "*fp32", "right": "*fp32", "off_b": "*i64",
+               "off_m": "*i64", "off_n": "*i64", "grad_left": "*fp32", "grad_right": "*fp32",
+               **ints, **strides, "HAS_SCALE": "constexpr", **{b: "constexpr" for b in blocks}}
+        consts = dict(HAS_SCALE=scaled, **blocks)
+        yield f"grads_kernel[{'scale,' if scaled else ''}{dt}]", k.grads_kernel, sig, consts
+
+
+def tree_configurations():
+    """(name, kernel, signature, constexprs) of the one-launch contraction-tree kernel."""
+    from ..triton_kernels import tree as k
+    consts = dict(ROW=k.ROW, BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_K=k.BLOCK_K,
+                  BLOCK_COPY=k.BLOCK_COPY)
+    regions = ["saved", "scratch"] + [f"{p}{i}" for p in "cg" for i in range(k.MAX_CORES)]
+    sig = dict(code="*i64", start="i32", stop="i32", **{r: "*fp32" for r in regions},
+               **{c: "constexpr" for c in consts})
+    yield "tree_kernel", k.tree_kernel, sig, consts
 
 
 #: Conv geometries compiled for the implicit-GEMM kernels (the DDPM's): (kernel, stride, pad).
@@ -227,7 +239,8 @@ def run_cuda(archs: list[int]) -> int:
 def run(archs: list[int]) -> int:
     """Compile everything for ``archs``; print one line each; return the number of failures."""
     failures = run_cuda(archs)
-    for name, fn, sig, consts in itertools.chain(configurations(), conv_configurations(),
+    for name, fn, sig, consts in itertools.chain(configurations(), tree_configurations(),
+                                                 conv_configurations(),
                                                  factorized_configurations()):
         for arch in archs:
             try:

@@ -294,3 +294,20 @@ def count_step(step, layers: dict[str, torch.nn.Module] | None = None) -> Launch
     finally:
         counter.detach()
     return counter
+
+
+def layer_step_counts(layer: torch.nn.Module, x: torch.Tensor) -> Counts:
+    """What one training step (forward, ``sum().backward()``) of ``layer`` on ``x`` costs,
+    counted after one uncounted warm-up step (which fills caches: T(θ0), compiled plans)."""
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).sum().backward()
+    step()
+    return count_step(step, {"layer": layer}).counts["layer"]
+
+
+def extra_step_counts(layer: torch.nn.Module, plain: torch.nn.Module, x: torch.Tensor) -> Counts:
+    """What an adapted ``layer``'s training step costs beyond the ``plain`` (trainable) layer
+    it adapts: the adapter's own launches, copies, views, allocations and host syncs."""
+    return layer_step_counts(layer, x) - layer_step_counts(plain, x)

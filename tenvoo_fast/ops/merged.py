@@ -8,10 +8,12 @@
   backward *recomputes*: only the input, the cores and tensors the layer already owns are saved,
   never the effective weight or the contraction's intermediates.
 
-``impl`` picks who runs the weight-sized step (the last step of the contraction tree, fused with
-``W - T(θ0)`` and the cast, and the first step of the reverse sweep; :mod:`tenvoo_fast.kernels`).
-The small steps run in torch either way, with the redundant axes pre-reduced
-(:mod:`tenvoo_fast.contraction.prereduce`). Each op has a fake kernel, so adapted models trace
+``impl`` picks who runs the contraction (:mod:`tenvoo_fast.kernels`): ``torch`` runs the
+compiled program (:mod:`tenvoo_fast.contraction.program`) as strided GEMMs; ``triton`` runs the
+same program in a few launches (the small steps in one kernel, the weight-sized step fused with
+``W - T(θ0)`` and the cast in another: five launches per training step); ``native`` runs the
+weight-sized step in csrc and the small steps in torch. The redundant axes are pre-reduced
+first (:mod:`tenvoo_fast.contraction.prereduce`). Each op has a fake kernel, so adapted models trace
 under ``torch.compile``.
 """
 from __future__ import annotations
@@ -42,18 +44,37 @@ def _compiled(cores: list[Tensor], equation: str):
     return p, reduced, program.program_for(p.equation, p.shapes)
 
 
+def _fused(cores: list[Tensor], equation: str, impl: str):
+    """The one-launch tree program (:mod:`tenvoo_fast.triton_kernels.launch_tree`) when ``impl``
+    has one and can run these cores (fp32), else None."""
+    if impl != "triton" or any(c.dtype != torch.float32 for c in cores):
+        return None
+    # Core shapes are fixed by the adapter (int() specialises symbolic ones when tracing).
+    return kernels.tree(impl).fused_for(equation, _shapes(cores))
+
+
+def _shapes(cores) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(d) for d in c.shape) for c in cores)
+
+
 def saved_numel(cores: list[Tensor], equation: str, impl: str) -> int:
     """Elements of the buffer a merged op keeps from forward for backward (the program's
-    small intermediates; ``torch`` kernels only, the others rebuild them)."""
+    small intermediates; none for the kernels that rebuild them)."""
+    fused = _fused(cores, equation, impl)
+    if fused is not None:
+        return fused.saved_numel
     if impl != "torch":
         return 0
-    # Core shapes are fixed by the adapter (int() specialises symbolic ones when tracing).
-    p = plan(equation, tuple(tuple(int(d) for d in c.shape) for c in cores))
+    p = plan(equation, _shapes(cores))
     return program.program_for(p.equation, p.shapes).saved_numel
 
 
 def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float,
               impl: str) -> Tensor:
+    fused = _fused(cores, equation, impl)
+    if fused is not None:
+        tree = kernels.tree(impl)
+        return tree.build(fused, tree.forward(fused, cores), cores, weight_shape, scale)
     if impl == "torch":
         _, reduced, prog = _compiled(cores, equation)
         _, left, right = program.run_forward(prog, reduced)
@@ -86,6 +107,10 @@ def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str
                          weight_shape: list[int], scale: float, impl: str) -> list[Tensor]:
     """dL/dcore_k for every core, given dL/dΔW (reverse sweep, nothing saved)."""
     with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
+        fused = _fused(cores, equation, impl)
+        if fused is not None:
+            tree = kernels.tree(impl)
+            return tree.core_grads(fused, tree.forward(fused, cores), cores, grad_weight, scale)
         if impl == "torch":
             p, reduced, prog = _compiled(cores, equation)
             saved, _, _ = program.run_forward(prog, reduced)
@@ -125,6 +150,12 @@ def _effective(base, frozen, cores, equation, scale, impl, out_dtype) -> tuple[T
     """(effective weight, what backward keeps: the program's small intermediates (``torch``)
     or nothing (the other kernels rebuild them))."""
     with torch.autocast(base.device.type, enabled=False), torch.no_grad():
+        fused = _fused(cores, equation, impl)
+        if fused is not None:
+            tree = kernels.tree(impl)
+            saved = tree.forward(fused, cores)
+            return tree.build(fused, saved, cores, list(base.shape), scale, base,
+                              frozen[0] if frozen else None, out_dtype), saved
         if impl == "torch":
             _, reduced, prog = _compiled(cores, equation)
             saved, left, right = program.run_forward(prog, reduced)
@@ -191,7 +222,12 @@ def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, 
     """
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         shape = list(base.shape)
-        if impl == "torch":
+        fused = _fused(cores, equation, impl)
+        if fused is not None:
+            w = (kernels.tree(impl).build(fused, saved, cores, shape, scale, base,
+                                          frozen[0] if frozen else None, x.dtype)
+                 if need_x else None)
+        elif impl == "torch":
             p, reduced, prog = _compiled(cores, equation)
             left, right, places = program.operands(prog, reduced, saved)
             w = (kernels.last_step("torch").build_weight(prog, left, right, shape, scale, base,
@@ -214,12 +250,15 @@ def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, 
             gw = g2.t().matmul(x2)
             gx = g.matmul(w) if need_x else None
             gb = g2.sum(0) if need_bias else None
-        if impl == "torch":
-            gt = kernels.last_step("torch").grad_gemm(prog, gw, scale, reduced[0].dtype)
-            grads = program.run_backward(prog, reduced, saved, gt, places)
+        if fused is not None:
+            core_grads = kernels.tree(impl).core_grads(fused, saved, cores, gw, scale)
         else:
-            grads = _reverse(steps, nodes, reduced, gw, scale, impl)
-        core_grads = stored_grads(p, grads, cores)
+            if impl == "torch":
+                gt = kernels.last_step("torch").grad_gemm(prog, gw, scale, reduced[0].dtype)
+                grads = program.run_backward(prog, reduced, saved, gt, places)
+            else:
+                grads = _reverse(steps, nodes, reduced, gw, scale, impl)
+            core_grads = stored_grads(p, grads, cores)
         # Separate empties: a custom op's outputs may not alias each other.
         return [gx.contiguous() if gx is not None else x.new_empty(0),
                 gb.to(bias.dtype) if gb is not None else x.new_empty(0)] + core_grads

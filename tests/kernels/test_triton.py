@@ -84,11 +84,12 @@ def test_check_kernels_compiles_everything_for_sm80_and_sm90():
                          timeout=600)
     lines = run.stdout.splitlines()
     assert run.returncode == 0, run.stdout + run.stderr
-    for kernel in ("build_kernel", "grad_left_kernel", "grad_right_kernel", "conv_fwd_kernel",
+    for kernel in ("build_kernel", "grads_kernel", "tree_kernel", "conv_fwd_kernel",
                    "conv_dgrad_kernel", "conv_wgrad_kernel", "project_kernel", "expand_kernel",
                    "outer_kernel"):
         for arch in (80, 90):
-            assert any(l.startswith(f"ok      sm_{arch}  {kernel}[") for l in lines), (kernel, arch)
+            assert any(l.startswith((f"ok      sm_{arch}  {kernel}[", f"ok      sm_{arch}  {kernel} "))
+                       for l in lines), (kernel, arch)
     # Every csrc .cu file is compiled by nvcc for both architectures where nvcc exists.
     from tenvoo_fast.kernels.compile_check import nvcc
     for arch in (80, 90):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import tenvoo_fast
-from tenvoo_fast.measure.launches import count_step
+from tenvoo_fast.measure.launches import extra_step_counts
 from tests.ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
 from tests.layer_checks import CONV_MAKERS, LINEAR_MAKERS
 
@@ -17,21 +17,6 @@ CONV_BUDGETS = {"tenvoo-l": (45, 11), "tenvoo-q": (61, 22), "lora": (7, 1), "loh
                 "lokr": (10, 1)}
 #: The same for an adapted Linear (QuanTA) on the backend the CPU runs it with (reference).
 LINEAR_BUDGET = (13, 5)
-
-
-def _step(layer, x):
-    def run():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x).sum().backward()
-    return run
-
-
-def _counts(layer, x):
-    run = _step(layer, x)
-    run()                                   # warm-up: caches (T(θ0), plans)
-    c = count_step(run, {"layer": layer})
-    return c.counts["layer"]
 
 
 def extra_counts(method, cin, cout, backend, strategy, rank=4):
@@ -46,9 +31,8 @@ def extra_counts(method, cin, cout, backend, strategy, rank=4):
         layer = CONV_MAKERS[method](nn.Conv3d(cin, cout, 3, padding=1), rank)
         x = torch.randn(1, cin, 2, 2, 2, requires_grad=True)
     with tenvoo_fast.use_backend(backend), tenvoo_fast.use_strategy(strategy):
-        adapted = _counts(layer, x)
-    base = _counts(plain, x)
-    return (adapted.launches - base.launches, adapted.copies - base.copies, adapted.syncs)
+        extra = extra_step_counts(layer, plain, x)
+    return extra.launches, extra.copies, extra.syncs
 
 
 @pytest.mark.parametrize("method", list(CONV_BUDGETS))

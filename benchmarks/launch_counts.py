@@ -2,7 +2,9 @@
 
 Each configuration is one ``tenvoo-fast finetune`` run (paper UNet, small volume, bf16
 autocast, batch 1, no accumulation) with ``--count-launches``: its third step (after two
-warm-up steps) is counted by :class:`tenvoo_fast.measure.launches.LaunchCounter`. Counts do not
+warm-up steps) is counted by :class:`tenvoo_fast.measure.launches.LaunchCounter`. Without a GPU
+the ``triton`` configurations run under
+:func:`tenvoo_fast.triton_kernels.launching.dry_run` (launches counted, not run). Counts do not
 depend on the volume size or the device, so a CPU run predicts what a GPU's host must issue
 (kernels that ATen runs internally aside); they are deterministic.
 
@@ -35,9 +37,11 @@ from tenvoo_fast.ddpm.system import versions
 from tenvoo_fast.files import atomic_path, write_json_atomic
 
 #: method:backend:strategy (backend and strategy default to auto).
-CONFIGS = ("full", "lora", "lora:reference", "lora:torch",
+CONFIGS = ("full", "lora", "lora:reference", "lora:torch", "lora:triton:merged",
            "tenvoo-l", "tenvoo-l:reference", "tenvoo-l:torch:merged", "tenvoo-l:torch:factorized",
-           "tenvoo-q", "tenvoo-q:reference", "tenvoo-q:torch:merged", "tenvoo-q:torch:factorized")
+           "tenvoo-l:triton:merged",
+           "tenvoo-q", "tenvoo-q:reference", "tenvoo-q:torch:merged", "tenvoo-q:torch:factorized",
+           "tenvoo-q:triton:merged")
 
 
 def count(config: str, size: int, rank: int, amp: str, work: Path) -> dict:
@@ -46,7 +50,13 @@ def count(config: str, size: int, rank: int, amp: str, work: Path) -> dict:
                            accum=1, batch_size=1, size=(size,) * 3, rank=rank, amp=amp,
                            num_volumes=2, backend=backend, strategy=strategy,
                            count_launches=True, overwrite=True, out=str(work / "run"))
-    metrics = finetune.run(opts)
+    if backend == "triton" and not torch.cuda.is_available():
+        # The interpreter would take hours on the paper UNet: count the launches, run none.
+        from tenvoo_fast.triton_kernels.launching import dry_run
+        with dry_run():
+            metrics = finetune.run(opts)
+    else:
+        metrics = finetune.run(opts)
     how: dict[str, int] = {}
     for layer in metrics.get("execution") or []:
         key = layer["backend"] + (f"/{layer['strategy']}" if layer["strategy"] else "")

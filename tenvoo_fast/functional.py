@@ -98,7 +98,7 @@ def _fast_conv3d(layer, x, backend):
         padding = (0, 0, 0)
     geo = ConvGeometry(tuple(layer.stride), padding, tuple(layer.dilation))
     out_spatial = geo.output_spatial(x.shape[2:], layer.kernel_size)
-    chosen = dispatch.conv_strategy(layer, x.shape, out_spatial, backend.impl)
+    chosen = dispatch.conv_strategy(layer, x.shape, out_spatial, backend.impl, x.device.type)
     net = layer.network
     if chosen == "merged":
         return call(ops.merged.merged_conv3d,
@@ -114,7 +114,8 @@ def _fast_conv3d(layer, x, backend):
 def _fast_linear(layer, x, backend):
     x = x.to(layer.compute_dtype(x))
     net = layer.network
-    if dispatch.linear_strategy(layer, x.numel() // x.shape[-1], backend.impl) == "factorized":
+    if dispatch.linear_strategy(layer, x.numel() // x.shape[-1], backend.impl,
+                                x.device.type) == "factorized":
         return call(ops.factorized.factorized_linear,
                     x, layer.weight, list(layer.cores), _frozen_cores(layer), layer.bias,
                     layer.activation_equation, net.scale)

@@ -9,9 +9,11 @@
 - ``cpu`` / ``cuda``: the same ops with the weight-sized step in the native (csrc) kernels.
 
 Under ``auto`` a layer runs on the first backend of :data:`AUTO_RANKING` for its device and
-kind that is available and supports it. The ranking is measured (README, "Speed and memory";
-``benchmarks/results/``); a backend not listed for a device is never picked there, but runs
-when named.
+kind that is available and supports it. On the CPU the ranking is measured (README, "Speed and
+memory"; ``benchmarks/results/``) and agrees with the launch counts; on CUDA it follows the
+counts (README, "Launches per training step"): a step there is bound by the host's launches,
+and the ``triton`` backend issues 5 per adapted layer against the reference's ~60. A backend
+not listed for a device is never picked there, but runs when named.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from ..errors import AdapterError
 AUTO_RANKING: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "conv3d"): ("torch", "cpu", "reference"),
     ("cpu", "linear"): ("reference", "torch", "cpu"),
-    ("cuda", "conv3d"): ("reference", "triton", "torch"),
-    ("cuda", "linear"): ("reference", "triton", "torch"),
+    ("cuda", "conv3d"): ("triton", "reference", "torch"),
+    ("cuda", "linear"): ("triton", "reference", "torch"),
 }
 #: Under ``auto`` on any other device.
 DEFAULT_RANKING = ("reference", "torch")

@@ -7,7 +7,8 @@
 - ``"implicit-gemm"``: a Triton implicit-GEMM conv that generates the weight tiles from the cores
   on chip (:mod:`tenvoo_fast.ops.implicit_gemm`; ``triton`` backend only).
 - ``"auto"`` (default): per layer and input shape, a measured choice (:mod:`.autotune`) where
-  there is one, else the cheaper of merged and factorized by the flop models of :mod:`.costs`.
+  there is one, else the cheaper of merged and factorized by the flop models of :mod:`.costs`
+  (with each launch charged on a GPU, where the host's launches bound the step).
   It does not pick implicit-gemm: no flop model says how a Triton conv compares with cuDNN's,
   so only a measurement or ``use_strategy`` selects it.
 
@@ -24,7 +25,7 @@ import torch
 from ..contraction.generation import unsupported_reason as implicit_gemm_reason
 from ..errors import AdapterError
 from . import context
-from .costs import conv_costs, linear_costs
+from .costs import conv_costs, linear_costs, with_launches
 
 STRATEGIES = ("auto", "merged", "factorized", "implicit-gemm")
 
@@ -70,29 +71,42 @@ def _implicit_gemm_reason_cached(network) -> str | None:
 # The choices depend only on the network and static shapes: under torch.compile they are made
 # once at trace time and baked into the graph as constants.
 @torch.compiler.assume_constant_result
-def _cheapest_linear(network, tokens: int, activation_equation: str) -> str:
+def _cheapest_linear(network, tokens: int, activation_equation: str, launches: bool) -> str:
     costs = linear_costs(network, tokens, activation_equation)
+    if launches:
+        costs = with_launches(costs, "linear")
     return min(costs, key=costs.get)
 
 
 @torch.compiler.assume_constant_result
-def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple) -> str:
+def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple, launches: bool) -> str:
     costs = conv_costs(network, x_shape, out_spatial)
+    if launches:
+        costs = with_launches(costs, "conv3d")
     return min(costs, key=costs.get)
 
 
-def linear_strategy(layer, tokens: int, impl: str | None = None) -> str:
+def linear_strategy(layer, tokens: int, impl: str | None = None,
+                    device_type: str = "cpu") -> str:
     """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input."""
     return _record(layer, _choose(layer, impl, lambda: _cheapest_linear(
-        layer.network, max(int(tokens), 1), layer.activation_equation)))
+        layer.network, max(int(tokens), 1), layer.activation_equation,
+        _launch_bound(impl, device_type))))
 
 
-def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None) -> str:
-    """The strategy ``layer`` (an adapted Conv3d) runs with for an input of ``x_shape``, when
-    ``impl`` runs the fast paths' heavy steps."""
+def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None,
+                  device_type: str = "cpu") -> str:
+    """The strategy ``layer`` (an adapted Conv3d) runs with for an input of ``x_shape`` on
+    ``device_type``, when ``impl`` runs the fast paths' heavy steps."""
     return _record(layer, _choose(
         layer, impl, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
-                                            tuple(int(n) for n in out_spatial))))
+                                            tuple(int(n) for n in out_spatial),
+                                            _launch_bound(impl, device_type))))
+
+
+def _launch_bound(impl, device_type: str) -> bool:
+    """Whether launches are charged (:func:`.costs.with_launches`): Triton kernels on a GPU."""
+    return impl == "triton" and device_type == "cuda"
 
 
 def _record(layer, choice: str) -> str:

@@ -108,3 +108,34 @@ def test_counted_step_equals_the_plan(method, shape):
     launches, copies, syncs = extra_counts(method, *shape, "triton", "merged")
     assert launches == planned_launches(layer) and launches <= CONV_BUDGET
     assert copies == 0 and syncs == 0
+
+
+@interpreted
+def test_a_dry_run_counts_what_a_real_run_launches():
+    """``launching.dry_run`` (how the paper model's triton step is counted without a GPU)
+    sees the same launches, copies and allocations as running the kernels."""
+    from tenvoo_fast.measure.launches import layer_step_counts
+    from tenvoo_fast.triton_kernels.launching import dry_run
+    layer = CONV_MAKERS["tenvoo-q"](nn.Conv3d(16, 24, 3, padding=1), 3)
+    x = torch.randn(1, 16, 2, 2, 2, requires_grad=True)
+    with use_backend("triton"):
+        real = layer_step_counts(layer, x)
+        with dry_run():
+            dry = layer_step_counts(layer, x)
+    assert dry == real and real.triton == 5
+
+
+@interpreted
+@pytest.mark.parametrize("kind,method,shape", [("conv3d", "tenvoo-l", (64, 64)),
+                                               ("linear", "quanta", (128, 64))])
+def test_the_strategy_cost_model_charges_the_counted_launches(kind, method, shape):
+    """``dispatch.costs.TRITON_LAUNCHES`` (what ``auto`` charges per strategy on a GPU) is what
+    the counter sees: merged exactly, factorized within 20%."""
+    from tests.measure.test_budgets import extra_counts
+    from tenvoo_fast.dispatch.costs import TRITON_LAUNCHES
+    for strategy, charged in TRITON_LAUNCHES[kind].items():
+        launches, _, _ = extra_counts(method, *shape, "triton", strategy)
+        if strategy == "merged":
+            assert launches == charged
+        else:
+            assert abs(launches - charged) <= 0.2 * charged, (strategy, launches)

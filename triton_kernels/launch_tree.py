@@ -31,9 +31,10 @@ import triton
 
 from ..contraction.last_step import letter_offsets
 from ..contraction.prereduce import plan as reduction_plan
-from ..contraction.program import MatMul, Relayout, candidates, read
+from ..contraction.program import MatMul, Relayout, _contiguous, candidates, read
 from . import last_step as ls
 from . import tree as k
+from .launch_last_step import grid_of_grads
 from .launching import launch
 
 SAVED, SCRATCH, CORE, GRAD = 0, 1, 2, 2 + k.MAX_CORES
@@ -57,7 +58,7 @@ class Operand:
     stride: tuple[int, int, int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)      # hashed by identity: a cache key on every launch
 class Fused:
     """A program as :mod:`.tree` runs it: rows ``[0, n_forward)`` are the forward, the rest
     the reverse sweep after the last step's gradients."""
@@ -76,14 +77,6 @@ class Fused:
     offsets: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
-def _contiguous(shape) -> list[int]:
-    out, s = [], 1
-    for n in reversed(shape):
-        out.append(s)
-        s *= n
-    return out[::-1]
-
-
 def _merged(sizes, src, dst):
     """Drop size-1 dims and merge neighbours contiguous in both source and destination."""
     dims = [(n, s, d) for n, s, d in zip(sizes, src, dst) if n != 1] or [(1, 0, 0)]
@@ -98,7 +91,7 @@ def _merged(sizes, src, dst):
 
 
 def _copy_row(src, dst, sizes, src_strides, dst_strides, sums=()) -> tuple[int, ...]:
-    """A COPY row: ``dst[i] = sum over ``sums`` ((size, src stride), at most two) of src[i]``."""
+    """A COPY row: ``dst[i] = sum of src[i]`` over ``sums`` (at most two (size, src stride))."""
     dims = _merged(sizes, src_strides, dst_strides)
     if len(dims) > k.MAX_DIMS or len(sums) > 2:
         raise _Unsupported(f"{len(dims)} dims, {len(sums)} summed")
@@ -364,7 +357,6 @@ def build(f: Fused, saved, cores, weight_shape, scale: float, base=None, frozen=
 def core_grads(f: Fused, saved, cores, grad_weight, scale: float) -> list[torch.Tensor]:
     """Every stored core's gradient (fp32, the core's shape) from dL/dW (the weight's shape,
     any float dtype) and a forward's ``saved`` buffer."""
-    from .launch_last_step import grid_of_grads
     B, M, N, K = f.gemm
     _, (off_b, off_m, off_n) = _device_tables(f, saved.device)
     cores = _contiguous_cores(cores)

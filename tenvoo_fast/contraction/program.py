@@ -410,9 +410,11 @@ def _hoisted(code: tuple, ready: set[int]) -> tuple:
 
 
 #: What a forward may keep for its backward: this fraction of the weight's size, or (small
-#: layers) :data:`KEEP_ELEMENTS`; beyond it the largest intermediates are rebuilt in backward.
-KEEP_FRACTION = 0.02
-KEEP_ELEMENTS = 16384
+#: layers) :data:`KEEP_ELEMENTS`; beyond it the largest intermediates are rebuilt in backward
+#: (a call each). Kept, they are small beside the layer's activations; rebuilt, they cost
+#: operator calls, which bind the step.
+KEEP_FRACTION = 0.25
+KEEP_ELEMENTS = 1 << 16
 
 
 def _outputs(op) -> list[int]:

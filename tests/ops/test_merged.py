@@ -8,7 +8,7 @@ from tests.oracle import rel_err
 import tenvoo_fast
 from tenvoo_fast import (LoHaConv3d, LoKrConv3d, LoRAConv3d, QuanTALinear, TenVOOConv3d,
                          methods, use_backend, use_strategy)
-from tenvoo_fast.contraction import reference
+from tenvoo_fast.contraction import program, reference
 from tenvoo_fast.dispatch.strategy import linear_strategy
 from tenvoo_fast.measure import owned_tensors, saved_bytes
 
@@ -68,13 +68,16 @@ def saved_bytes_beyond_owned(layer, x):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_torch_backend_keeps_only_its_small_intermediates(name, seeded):
     """The torch kernels keep the contraction's small results for backward (so backward does
-    not redo them): at most 2% of the weight, or 16384 numbers for a small layer."""
+    not redo them): at most the program's keep limit (a quarter of the weight, or 65536
+    numbers for a small layer), never the weight."""
     layer = LAYERS[name]()
     x = (torch.randn(1, 64, 6, 6, 4) if "quanta" not in name else torch.randn(8, 128))
     x.requires_grad_()
     weight_bytes = layer.weight.numel() * 4
     with use_backend("torch"):
-        assert saved_bytes_beyond_owned(layer, x) <= max(0.02 * weight_bytes, 16384 * 4)
+        assert saved_bytes_beyond_owned(layer, x) <= max(
+            program.KEEP_FRACTION * weight_bytes, program.KEEP_ELEMENTS * 4)
+        assert program.KEEP_FRACTION <= 0.25 and program.KEEP_ELEMENTS <= 1 << 16
     with use_backend("reference"):  # the published algorithm keeps at least a weight's worth
         assert saved_bytes_beyond_owned(layer, x) >= weight_bytes
 

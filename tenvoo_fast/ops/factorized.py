@@ -7,8 +7,10 @@ QuanTA on a Linear (:func:`factorized_linear`): the three gates applied to x vie
 TenVOO on a Conv3d (:func:`factorized_conv3d`): ``conv3d(x, ΔW) = V · conv3d(U · x, K)`` with
 the network's input, tap and output blocks (:mod:`tenvoo_fast.contraction.partition`), so the
 adapter runs on the activations beside the frozen base conv and no weight-sized tensor, and no
-dL/dW pass, exists at all. The frozen copy is applied the same way and subtracted
-(``A(x; θ) - A(x; θ0)``), so at initialisation the layer returns its base conv's output
+dL/dW pass, exists at all. The frozen copy's term is subtracted telescoped,
+``A(x; θ) - A(x; θ0) = ΔV·conv(U·x, K) + V0·(conv(U·x, ΔK) + conv(ΔU·x, K0))`` with Δ the
+maps' differences, so no two large terms cancel (the fp32 error stays that of the merged path)
+and at initialisation, where every Δ is zero, the layer returns its base conv's output
 exactly. The adapter term is computed in fp32 (fp64 for fp64 layers); the base conv in the
 input's dtype. Backward recomputes the rank-sized maps from the saved input instead of keeping
 them, and turns the blocks' gradients into every core's through their own reverse sweeps.
@@ -82,6 +84,11 @@ def _setup(cores, frozen, equation, letters, base):
     return p, part, reduced, maps, states, maps0
 
 
+def _differences(maps, maps0):
+    """(ΔU, ΔK, ΔV) = θ's maps minus θ0's: exactly zero at initialisation."""
+    return tuple(m - m0 for m, m0 in zip(maps, maps0))
+
+
 @custom_op("tenvoo_fast::factorized_conv3d", mutates_args=())
 def factorized_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                       bias: Optional[Tensor], equation: str, letters: str, scale: float,
@@ -99,11 +106,20 @@ def factorized_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list
         # The base conv under the caller's settings (as the frozen layer would run it).
         y = F.conv3d(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype), stride,
                      padding, dilation)
-        z1, z1_0 = run.project(x, u, u0, memory_format=layout)
+        if not frozen:
+            z1 = run.project(x, u, memory_format=layout)[0]
+            with ieee_fp32():
+                z2 = F.conv3d(z1, k, None, stride, padding, dilation)
+            return run.add_expanded(y, z2, v, scale=scale).contiguous(memory_format=layout)
+        # Telescoped: A(θ) - A(θ0) = ΔV·conv(U·x, K) + V0·(conv(U·x, ΔK) + conv(ΔU·x, K0)),
+        # every term as small as the update, instead of two large terms that cancel.
+        du, dk, dv = _differences((u, k, v), (u0, k0, v0))
+        z1, dz1 = run.project(x, u, du, memory_format=layout)
         with ieee_fp32():
             z2 = F.conv3d(z1, k, None, stride, padding, dilation)
-            z2_0 = F.conv3d(z1_0, k0, None, stride, padding, dilation) if frozen else None
-        return run.add_expanded(y, z2, v, z2_0, v0, scale).contiguous(memory_format=layout)
+            d2 = F.conv3d(z1, dk, None, stride, padding, dilation)
+            d2 += F.conv3d(dz1, k0, None, stride, padding, dilation)
+        return run.add_expanded(y, z2, dv, d2, -v0, scale).contiguous(memory_format=layout)
 
 
 register_cores_conv_fake(factorized_conv3d)
@@ -132,8 +148,10 @@ def factorized_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores:
         z1 = run.project(xa, u, memory_format=layout)[0]
         with ieee_fp32():
             z2 = F.conv3d(z1, k, None, stride, padding, dilation)
-        gz2, gz2_0 = run.project(ga, v.t(), v0.t() if frozen_x else None, scale,
-                                 memory_format=layout)
+        if frozen_x:
+            du, dk, dv = _differences((u, k, v), (u0, k0, v0))
+        gz2, dgz2 = run.project(ga, v.t(), dv.t() if frozen_x else None, scale,
+                                memory_format=layout)
 
         def small_conv_backward(grad, weight, need_weight):
             with ieee_fp32():
@@ -158,8 +176,14 @@ def factorized_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores:
             gx = torch.ops.aten.convolution_backward(
                 g, x, base.to(x.dtype), None, stride, padding, dilation, False, [0, 0, 0], 1,
                 [True, False, False])[0]
-            gz1_0 = small_conv_backward(gz2_0, k0, False)[0] if frozen_x else None
-            gx = run.add_expanded(gx, gz1, u.t(), gz1_0, u0.t() if frozen_x else None)
+            if frozen_x:
+                # Telescoped as the forward: Uᵀ·convᵀ(Vᵀg, K) - U0ᵀ·convᵀ(V0ᵀg, K0) =
+                # ΔUᵀ·gz1 + U0ᵀ·(convᵀ(Vᵀg, ΔK) + convᵀ(ΔVᵀg, K0)).
+                e = small_conv_backward(gz2, dk, False)[0]
+                e += small_conv_backward(dgz2, k0, False)[0]
+                gx = run.add_expanded(gx, gz1, du.t(), e, -u0.t())
+            else:
+                gx = run.add_expanded(gx, gz1, u.t())
             gx = gx.contiguous(memory_format=layout)
         gb = g.sum((0, 2, 3, 4)).to(bias.dtype) if need_bias else x.new_empty(0)
         return [gx, gb] + core_grads
@@ -182,6 +206,13 @@ def _factorized_x(x: Tensor, eq: str, cores: list[Tensor]) -> Tensor:
     return x.reshape(-1, *[sizes[l] for l in terms[0][1:]]).to(contraction_dtype(cores))
 
 
+def _telescoped(cores: list[Tensor], frozen: list[Tensor]) -> list[list[Tensor]]:
+    """Core lists whose images sum to A(θ) - A(θ0) for a map A linear in each core: the k-th
+    holds θ's cores before k, θk - θ0k at k and θ0's after. Each term is as small as the
+    update (no two large terms cancel), and all are zero at initialisation."""
+    return [[*cores[:k], cores[k] - frozen[k], *frozen[k + 1:]] for k in range(len(cores))]
+
+
 def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
     return sweep.contract(eq, [x3, *cores])[2].reshape(x3.shape[0], -1)
 
@@ -190,16 +221,17 @@ def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
 def factorized_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                       bias: Optional[Tensor], equation: str, scale: float) -> Tensor:
     """``linear(x, W) + scale * (A(x; θ) - A(x; θ0))`` with A the adapter applied to the
-    activations (``equation``, e.g. QuanTA's ``...abc,efbc,diaf,ghde->...ghi``); ``frozen``
-    empty means no frozen copy. Equal to the merged ``linear(x, W - Q(θ0) + Q(θ))`` in exact
+    activations (``equation``, e.g. QuanTA's ``...abc,efbc,diaf,ghde->...ghi``), the difference
+    telescoped over the gates (:func:`_telescoped`); ``frozen`` empty means no frozen copy. Equal to the merged ``linear(x, W - Q(θ0) + Q(θ))`` in exact
     arithmetic; the base GEMM runs in x's dtype and the adapter term in fp32 (fp64), so the
     frozen-copy layer reproduces the base layer exactly at initialisation."""
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         eq = _token_equation(equation)
         x3 = _factorized_x(x, eq, cores)
-        delta = _apply_gates(x3, cores, eq)
         if frozen:
-            delta = delta - _apply_gates(x3, frozen, eq)
+            delta = sum(_apply_gates(x3, c, eq) for c in _telescoped(cores, frozen))
+        else:
+            delta = _apply_gates(x3, cores, eq)
         y = F.linear(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype))
         y = y.reshape(-1, base.shape[0]).to(delta.dtype) + scale * delta
         return y.to(x.dtype).reshape(*x.shape[:-1], base.shape[0])
@@ -232,7 +264,7 @@ def factorized_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores:
         gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
         if need_x:
             if frozen:
-                gx_adapter = gx_adapter - grads(frozen)[0]
+                gx_adapter = sum(grads(c)[0] for c in _telescoped(cores, frozen))
             gx = (g.matmul(base.to(x.dtype)).to(x3.dtype) + gx_adapter.reshape(g.shape[0], -1))
             gx = gx.to(x.dtype).reshape(x.shape)
         gb = g.sum(0).to(bias.dtype) if need_bias else x.new_empty(0)

@@ -10,9 +10,11 @@ from torch import nn
 from tests.ddpm_shapes import DDPM_CONV_SHAPES
 from tests.oracle import rel_err
 from tests.layer_checks import (TOL, check_against_oracle, check_compiled_matches_eager,
-                                cores_op_args, realistic_conv, train_a_little)
+                                cores_op_args, oracle_forward_and_grads, realistic_conv,
+                                run_layer, train_a_little)
 import tenvoo_fast
-from tenvoo_fast import AdapterError, LoRAConv3d, TenVOOConv3d, methods, use_backend, use_strategy
+from tenvoo_fast import (AdapterError, LoRAConv3d, QuanTALinear, TenVOOConv3d, methods,
+                         use_backend, use_strategy)
 from tenvoo_fast.kernels import torch_activation_maps as activation_maps
 from tenvoo_fast.contraction.partition import channel_letters, partition
 from tenvoo_fast.measure import owned_tensors, saved_bytes
@@ -78,6 +80,58 @@ def test_identical_to_the_base_conv_at_init(variant, seeded, factorized):
     layer = TenVOOConv3d.from_conv(conv, 4, variant)
     x = torch.randn(1, 32, 5, 4, 3)
     assert torch.equal(layer(x), conv(x))
+
+
+def near_init(layer, move=1e-3):
+    """Cores moved by ``move`` (relative) from θ0: the update is a thousandth of the frozen
+    term, so a difference of two large terms would lose three digits."""
+    with torch.no_grad():
+        for p in layer.cores:
+            p.mul_(1 + move * torch.randn_like(p))
+    return layer
+
+
+@pytest.mark.parametrize("cin,cout", [(32, 64), (256, 128)])
+@pytest.mark.parametrize("variant", ["L", "Q"])
+def test_fp32_error_near_init_within_1_5x_of_merged(cin, cout, variant, seeded, factorized):
+    """A(x; θ) - A(x; θ0) is formed telescoped (ΔV·conv(U·x, K) + V0·(conv(U·x, ΔK) +
+    conv(ΔU·x, K0)), and likewise for the input gradient), so the fp32 error of the output and
+    the input gradient against the fp64 oracle stays within 1.5x of the merged path's (the
+    core gradients never involve θ0; the oracle tests bound them)."""
+    layer = near_init(TenVOOConv3d.from_conv(realistic_conv(cin, cout), 4, variant))
+    x = torch.randn(1, cin, 4, 4, 3)
+    gy = torch.randn(layer(x).shape, dtype=torch.float64)
+    want = oracle_forward_and_grads(layer, x, gy, "conv")
+
+    def errors():
+        y, gx, _ = run_layer(layer, x, gy)
+        return [rel_err(y, want[0]), rel_err(gx, want[1])]
+
+    got = errors()
+    with use_strategy("merged"):
+        merged = errors()
+    worst = max(g / m for g, m in zip(got, merged))
+    assert worst <= 1.5, f"factorized/merged fp32 error up to {worst:.2f}x: {got} vs {merged}"
+
+
+@pytest.mark.parametrize("cin,cout", [(128, 128), (256, 512)])
+def test_quanta_fp32_error_near_init_within_1_5x_of_merged(cin, cout, seeded):
+    """QuanTA's gates applied to the activations: A(x; θ) - A(x; θ0) telescoped over the gates
+    keeps the output and input-gradient error within 1.5x of the merged Linear's."""
+    lin = nn.Linear(cin, cout)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    layer = near_init(QuanTALinear.from_linear(lin, 4))
+    x = torch.randn(16, cin)
+    gy = torch.randn(16, cout, dtype=torch.float64)
+    want = oracle_forward_and_grads(layer, x, gy, "linear")
+    errors = {}
+    for strategy in ("factorized", "merged"):
+        with use_backend("torch"), use_strategy(strategy):
+            y, gx, _ = run_layer(layer, x, gy)
+        errors[strategy] = [rel_err(y, want[0]), rel_err(gx, want[1])]
+    worst = max(f / m for f, m in zip(errors["factorized"], errors["merged"]))
+    assert worst <= 1.5, f"factorized/merged fp32 error up to {worst:.2f}x: {errors}"
 
 
 def test_zero_last_init_has_no_frozen_path(seeded, factorized):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Optional
 
 import opt_einsum
@@ -88,21 +88,25 @@ class Program:
     backward: tuple
     core_grads: tuple[int, ...]
 
+    # Derived once per program (cached_property writes the instance dict, which a frozen
+    # dataclass allows): the run helpers ask for these on every call.
+    @cached_property
+    def _size_of(self) -> dict[str, int]:
+        return dict(self.sizes)
+
     def numel(self, tensor: int) -> int:
-        d = dict(self.sizes)
-        return math.prod(d[l] for l in self.layouts[tensor])
+        return math.prod(self._size_of[l] for l in self.layouts[tensor])
 
     def shape(self, tensor: int) -> tuple[int, ...]:
-        d = dict(self.sizes)
-        return tuple(d[l] for l in self.layouts[tensor])
+        return tuple(self._size_of[l] for l in self.layouts[tensor])
 
-    @property
+    @cached_property
     def packed(self) -> frozenset[int]:
         """The cores the forward copies into another layout first."""
         return frozenset(r.dst for op in self.forward if isinstance(op, tuple) for r in op
                          if r.src == r.dst)
 
-    @property
+    @cached_property
     def fixed_outputs(self) -> frozenset[int]:
         """Tensors the caller provides: dL/dT and the cores' gradients."""
         return frozenset((self.grad_t, *self.core_grads))

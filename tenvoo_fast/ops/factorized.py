@@ -206,13 +206,6 @@ def _factorized_x(x: Tensor, eq: str, cores: list[Tensor]) -> Tensor:
     return x.reshape(-1, *[sizes[l] for l in terms[0][1:]]).to(contraction_dtype(cores))
 
 
-def _telescoped(cores: list[Tensor], frozen: list[Tensor]) -> list[list[Tensor]]:
-    """Core lists whose images sum to A(θ) - A(θ0) for a map A linear in each core: the k-th
-    holds θ's cores before k, θk - θ0k at k and θ0's after. Each term is as small as the
-    update (no two large terms cancel), and all are zero at initialisation."""
-    return [[*cores[:k], cores[k] - frozen[k], *frozen[k + 1:]] for k in range(len(cores))]
-
-
 def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
     return sweep.contract(eq, [x3, *cores])[2].reshape(x3.shape[0], -1)
 
@@ -221,17 +214,16 @@ def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
 def factorized_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                       bias: Optional[Tensor], equation: str, scale: float) -> Tensor:
     """``linear(x, W) + scale * (A(x; θ) - A(x; θ0))`` with A the adapter applied to the
-    activations (``equation``, e.g. QuanTA's ``...abc,efbc,diaf,ghde->...ghi``), the difference
-    telescoped over the gates (:func:`_telescoped`); ``frozen`` empty means no frozen copy. Equal to the merged ``linear(x, W - Q(θ0) + Q(θ))`` in exact
+    activations (``equation``, e.g. QuanTA's ``...abc,efbc,diaf,ghde->...ghi``); ``frozen``
+    empty means no frozen copy. Equal to the merged ``linear(x, W - Q(θ0) + Q(θ))`` in exact
     arithmetic; the base GEMM runs in x's dtype and the adapter term in fp32 (fp64), so the
     frozen-copy layer reproduces the base layer exactly at initialisation."""
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         eq = _token_equation(equation)
         x3 = _factorized_x(x, eq, cores)
+        delta = _apply_gates(x3, cores, eq)
         if frozen:
-            delta = sum(_apply_gates(x3, c, eq) for c in _telescoped(cores, frozen))
-        else:
-            delta = _apply_gates(x3, cores, eq)
+            delta = delta - _apply_gates(x3, frozen, eq)
         y = F.linear(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype))
         y = y.reshape(-1, base.shape[0]).to(delta.dtype) + scale * delta
         return y.to(x.dtype).reshape(*x.shape[:-1], base.shape[0])
@@ -264,7 +256,7 @@ def factorized_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores:
         gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
         if need_x:
             if frozen:
-                gx_adapter = sum(grads(c)[0] for c in _telescoped(cores, frozen))
+                gx_adapter = gx_adapter - grads(frozen)[0]
             gx = (g.matmul(base.to(x.dtype)).to(x3.dtype) + gx_adapter.reshape(g.shape[0], -1))
             gx = gx.to(x.dtype).reshape(x.shape)
         gb = g.sum(0).to(bias.dtype) if need_bias else x.new_empty(0)

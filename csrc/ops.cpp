@@ -5,6 +5,8 @@
 //                    (base and frozen absent: scale*T in the contraction dtype); ``out`` is the
 //                    caller's (a reused scratch buffer on the CPU), written, never read;
 //   last_step_grads: dL/da and dL/db of <grad_weight, scale*T>, reading grad_weight in place.
+// The module also binds run_program (run_program.cpp), a plain function, not an op: its ATen
+// calls reach the dispatcher one by one.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -17,6 +19,12 @@ TORCH_LIBRARY(tenvoo_fast_C, m) {
       "-> (Tensor, Tensor)");
 }
 
+namespace tenvoo_fast {
+void bind_run_program(pybind11::module& m);  // run_program.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "tenvoo_fast native kernels (ops under torch.ops.tenvoo_fast_C)";
+  module.doc() = "tenvoo_fast native kernels (ops under torch.ops.tenvoo_fast_C) and the "
+                 "contraction program runner (run_program)";
+  tenvoo_fast::bind_run_program(module);
 }

@@ -25,6 +25,7 @@ from typing import Optional
 import opt_einsum
 import torch
 
+from . import native_runner
 from .sweep import Step, tree_steps
 
 
@@ -550,6 +551,9 @@ def _pair(r: Relayout, places: dict, sources: dict | None):
 
 
 def _run(code, places: dict, sources: dict | None = None) -> None:
+    if native_runner.available():           # the same calls, issued from C++
+        native_runner.run(code, places, sources, _relayout_views_of)
+        return
     for op in code:
         if isinstance(op, tuple):               # a group of relayouts: one call
             pairs = [_pair(r, places, sources) for r in op]

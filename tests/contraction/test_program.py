@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from tenvoo_fast import (LoHaConv3d, LoKrConv3d, LoRAConv3d, QuanTALinear, TenVOOConv3d)
-from tenvoo_fast.contraction import program as P
+from tenvoo_fast.contraction import native_runner, program as P
 from tenvoo_fast.contraction.prereduce import plan, reduce_cores
+from tenvoo_fast.measure.launches import LaunchCounter
 from tests.ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
 
 CONV = {"tenvoo-l": lambda c, r: TenVOOConv3d.from_conv(c, r, "L"),
@@ -69,9 +70,39 @@ def test_quanta_programs_match_the_oracle(shape):
 @pytest.mark.parametrize("variant", "LQ")
 def test_programs_copy_little_and_keep_little(variant):
     """Over the DDPM's TenVOO layers: a few copy calls per step (a group of relayouts is one),
-    and what the forward keeps within the limit (2% of the weight or 16384 numbers)."""
+    and what the forward keeps within the keep limit (a quarter of the weight, or 65536
+    numbers for a small layer)."""
     for cin, cout in DDPM_CONV_SHAPES:
         p, reduced = _network(f"tenvoo-{variant.lower()}", cin, cout, 3, 4)
         prog = P.program_for(p.equation, p.shapes)
         assert prog.copies <= (10 if variant == "L" else 16), (cin, cout, prog.copies)
         assert prog.saved_numel <= max(P.KEEP_FRACTION * cin * cout * 27, P.KEEP_ELEMENTS)
+
+
+def _run_both_ways(p, reduced, native: bool, monkeypatch):
+    monkeypatch.setattr(native_runner, "RUNNER", native_runner.RUNNER if native else None)
+    prog = P.program_for(p.equation, p.shapes)
+    counter = LaunchCounter()
+    with counter:
+        saved, left, right = P.run_forward(prog, reduced)
+        g = torch.randn(prog.gemm[:3], dtype=left.dtype, generator=torch.Generator().manual_seed(1))
+        grads = P.run_backward(prog, reduced, saved, g)
+    return [saved, left, right, *grads], counter.total()
+
+
+@pytest.mark.skipif(not native_runner.available(), reason="tenvoo_fast._C not built")
+@pytest.mark.parametrize("name,cin,cout,k,r", [c for c in _cases() if c[1] in (32, 128)]
+                         + [("quanta", 256, 256, None, 4)])
+def test_the_cpp_runner_issues_the_python_runners_calls(name, cin, cout, k, r, monkeypatch):
+    """csrc/run_program.cpp runs a program as program._run does: bit-identical results, and
+    the same ATen calls (a launch counter sees each of them)."""
+    torch.manual_seed(0)
+    p, reduced = _network(name, cin, cout, k, r)
+    reduced = [c.float() for c in reduced]
+    ours, ours_counts = _run_both_ways(p, reduced, True, monkeypatch)
+    theirs, their_counts = _run_both_ways(p, reduced, False, monkeypatch)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert (ours_counts.launches, ours_counts.copies) == (their_counts.launches,
+                                                          their_counts.copies)
+    assert ours_counts.launches > 0

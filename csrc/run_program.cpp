@@ -41,8 +41,10 @@ struct Places {
   const std::vector<at::Tensor>& bases;
   const std::vector<int64_t>& offsets;
   at::Tensor view(int64_t id, c10::IntArrayRef size, c10::IntArrayRef stride) const {
-    TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(bases.size()) && bases[id].defined(),
-                "tenvoo_fast run_program: tensor ", id, " has no place");
+    // (An id the caller gave no place holds an empty tensor: as_strided's bounds check
+    // refuses any non-empty view of it.)
+    TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(bases.size()),
+                "tenvoo_fast run_program: tensor id ", id, " out of range");
     const at::Tensor& base = bases[id];
     return base.as_strided(size, stride, base.storage_offset() + offsets[id]);
   }
@@ -89,6 +91,8 @@ void run_program(const std::vector<at::Tensor>& bases, const std::vector<int64_t
     } else if (kind == kGroup) {
       r.next();
       int64_t count = r.next();
+      TORCH_CHECK(count >= 0 && count <= r.size - r.pos,
+                  "tenvoo_fast run_program: bad group size ", count);
       std::vector<at::Tensor> dst, src;
       dst.reserve(count);
       src.reserve(count);

@@ -7,17 +7,20 @@ each reading the big tensor once in its own dtype and layout, and never writing 
 it or an output-sized ΔW·x:
 
 - :func:`project_kernel`: ``Z = s·(A·Mᵀ)`` per voxel, a big tensor A down to rank channels
-  (``U·x`` in forward, ``Vᵀ·dy`` in backward), for θ and the frozen copy θ0 in one pass over A.
+  (``U·x`` in forward, ``Vᵀ·dy`` in backward), for two matrices in one pass over A (θ's map
+  and the difference ΔU or ΔV of the telescoped form).
 - :func:`expand_kernel`: ``Y += s·(Z·Mᵀ - Z0·M0ᵀ)`` in place, rank channels up into a big
-  tensor (``V·z2`` into the base conv's output, ``Uᵀ·dz1`` into its input gradient): the base
-  output is read and written once and the adapter term never exists on its own.
+  tensor (into the base conv's output in forward, its input gradient in backward; the caller
+  passes the telescoped terms, e.g. M = ΔV and M0 = -V0): the base output is read and written
+  once and the adapter term never exists on its own.
 - :func:`outer_kernel`: ``s·Σ_voxels Aᵀ·Z``, a big tensor against a rank-sized one (the U and V
   blocks' gradients), one fp32 partial per voxel split, summed by the launcher (deterministic).
 
 Numerics (adapters.md §3): big tensors are converted to fp32 on load and every dot is fp32 with
-IEEE precision (no TF32); θ and θ0 are contracted by the same instructions into separate
-accumulators and subtracted before the scale is applied, so the layer returns its base conv's
-output exactly at initialisation (floating-point contraction is off). Tensors may have any
+IEEE precision (no TF32); the two terms are contracted by the same instructions into separate
+accumulators and subtracted before the scale is applied, so with the differences exactly zero
+at initialisation the layer returns its base conv's output exactly (floating-point contraction
+is off). Tensors may have any
 strides (NCDHW or channels-last); voxels are flattened over (batch, D, H, W).
 """
 import triton

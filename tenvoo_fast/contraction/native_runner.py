@@ -21,7 +21,7 @@ except ImportError:             # the extension was not built (setup.py flags)
 
 MATMUL, COPY, GROUP = 0, 1, 2
 _TABLES: dict = {}
-_NO_PLACE = torch.empty(0)
+_NO_PLACE = torch.empty(0, device="cpu")   # ids this code does not name
 
 
 def available() -> bool:
@@ -58,7 +58,7 @@ def _encode(code, with_sources: bool, views_of) -> tuple[torch.Tensor, int]:
             table.append(MATMUL)
             for m in (op.a, op.b, op.out):
                 table += [m.tensor, *m.size, *m.stride]
-    return torch.tensor(table, dtype=torch.int64), width
+    return torch.tensor(table, dtype=torch.int64, device="cpu"), width
 
 
 def run(code, places: dict, sources: dict | None, views_of) -> None:

@@ -415,10 +415,10 @@ def _hoisted(code: tuple, ready: set[int]) -> tuple:
 
 
 #: What a forward may keep for its backward: this fraction of the weight's size, or (small
-#: layers) :data:`KEEP_ELEMENTS`; beyond it the largest intermediates are rebuilt in backward
-#: (a call each). Kept, they are small beside the layer's activations; rebuilt, they cost
-#: operator calls, which bind the step.
-KEEP_FRACTION = 0.25
+#: layers) :data:`KEEP_ELEMENTS` (256 KB in fp32); beyond it the largest intermediates are
+#: rebuilt in backward, a call each. At r=4 every DDPM layer's intermediates fit (none is
+#: rebuilt for TenVOO-L); operator calls, not these bytes, bind the step.
+KEEP_FRACTION = 0.05
 KEEP_ELEMENTS = 1 << 16
 
 

@@ -9,7 +9,8 @@ the network's input, tap and output blocks (:mod:`tenvoo_fast.contraction.partit
 adapter runs on the activations beside the frozen base conv and no weight-sized tensor, and no
 dL/dW pass, exists at all. The frozen copy's term is subtracted telescoped,
 ``A(x; θ) - A(x; θ0) = ΔV·conv(U·x, K) + V0·(conv(U·x, ΔK) + conv(ΔU·x, K0))`` with Δ the
-maps' differences, so no two large terms cancel (the fp32 error stays that of the merged path)
+maps' differences: the cancellation happens on the rank-sized maps, not on activation-sized
+terms (near initialisation the fp32 error is below the merged path's; README, "Numerics"),
 and at initialisation, where every Δ is zero, the layer returns its base conv's output
 exactly. The adapter term is computed in fp32 (fp64 for fp64 layers); the base conv in the
 input's dtype. Backward recomputes the rank-sized maps from the saved input instead of keeping
@@ -19,7 +20,7 @@ Only the 1x1x1 maps touch activation-sized tensors (Cin or Cout channels per vox
 is rank-sized. ``impl`` picks who runs those maps (:func:`tenvoo_fast.kernels.activation_maps`):
 torch (which converts x to fp32 and forms the adapter term as a tensor), or the fused Triton
 kernels, which read x, dy and the base conv's output once each in their own dtype and layout,
-project onto θ's and θ0's ranks in one pass, add ``scale·(V·z2 - V0·z2_0)`` into the base
+project onto θ's map and its difference in one pass, add the telescoped term into the base
 output in place, and reduce the U and V blocks' gradients without an fp32 copy of x or dy. The
 rank-sized conv with K runs in torch (cuDNN), without TF32.
 """

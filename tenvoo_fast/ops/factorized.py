@@ -26,6 +26,7 @@ rank-sized conv with K runs in torch (cuDNN), without TF32.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -211,6 +212,71 @@ def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
     return sweep.contract(eq, [x3, *cores])[2].reshape(x3.shape[0], -1)
 
 
+@lru_cache(maxsize=None)
+def _chain(eq: str) -> Optional[tuple[tuple[str, str, str], ...]]:
+    """The activation equation as gates applied one at a time to x: per gate, the letters of
+    its input h, of the gate and of its output (the last one the equation's output); None
+    when some gate reads letters no earlier step provides (then it is not a chain)."""
+    lhs, out = eq.split("->")
+    x, *gates = lhs.split(",")
+    steps, cur = [], x
+    for k, g in enumerate(gates):
+        if not set(g) & set(cur):
+            return None
+        later = set("".join(gates[k + 1:])) | set(out)
+        nxt = out if k == len(gates) - 1 else "".join(
+            l for l in dict.fromkeys(cur + g) if l in later)
+        if not set(nxt) <= set(cur) | set(g) or not set(cur) <= set(nxt) | set(g):
+            return None
+        steps.append((cur, g, nxt))
+        cur = nxt
+    return tuple(steps)
+
+
+def _apply(step, h, gate):
+    hin, g, hout = step
+    return torch.einsum(f"{hin},{g}->{hout}", h, gate)
+
+
+def _telescoped(chain, x3, cores, frozen):
+    """A(x; θ) - A(x; θ0) along the chain without subtracting two large terms:
+    D_1 = ΔG_1·x, D_k = ΔG_k·h_{k-1} + G0_k·D_{k-1} (h: θ's partial results, ΔG = θ - θ0,
+    exactly zero at initialisation)."""
+    h, d = x3, None
+    for step, c, c0 in zip(chain, cores, frozen):
+        term = _apply(step, h, c - c0)
+        d = term if d is None else term + _apply(step, d, c0)
+        h = _apply(step, h, c)
+    return d
+
+
+def _telescoped_backward(chain, x3, cores, frozen, g_out, need_x):
+    """(dL/dx of A(x; θ) - A(x; θ0), telescoped as the forward in reverse; every gate's
+    gradient) from ``g_out`` = dL/dA, with θ's partial results recomputed."""
+    hs = [x3]
+    for step, c in zip(chain[:-1], cores[:-1]):
+        hs.append(_apply(step, hs[-1], c))
+    e = g_out.reshape(_shape_of(chain[-1][2], x3, cores, chain))
+    core_grads = [None] * len(cores)
+    d = None                                    # dL/dh of the difference, back to x
+    for k in range(len(chain) - 1, -1, -1):
+        hin, g, hout = chain[k]
+        core_grads[k] = torch.einsum(f"{hout},{hin}->{g}", e, hs[k])
+        if need_x:
+            term = torch.einsum(f"{hout},{g}->{hin}", e, cores[k] - frozen[k])
+            d = term if d is None else term + torch.einsum(f"{hout},{g}->{hin}", d, frozen[k])
+        if k:
+            e = torch.einsum(f"{hout},{g}->{hin}", e, cores[k])
+    return d, core_grads
+
+
+def _shape_of(letters, x3, cores, chain):
+    sizes = dict(zip(chain[0][0], x3.shape))
+    for (_, g, _), c in zip(chain, cores):
+        sizes.update(zip(g, c.shape))
+    return [sizes[l] for l in letters]
+
+
 @custom_op("tenvoo_fast::factorized_linear", mutates_args=())
 def factorized_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                       bias: Optional[Tensor], equation: str, scale: float) -> Tensor:
@@ -222,9 +288,13 @@ def factorized_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         eq = _token_equation(equation)
         x3 = _factorized_x(x, eq, cores)
-        delta = _apply_gates(x3, cores, eq)
-        if frozen:
-            delta = delta - _apply_gates(x3, frozen, eq)
+        chain = _chain(eq)
+        if frozen and chain is not None:
+            delta = _telescoped(chain, x3, cores, frozen).reshape(x3.shape[0], -1)
+        else:
+            delta = _apply_gates(x3, cores, eq)
+            if frozen:
+                delta = delta - _apply_gates(x3, frozen, eq)
         y = F.linear(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype))
         y = y.reshape(-1, base.shape[0]).to(delta.dtype) + scale * delta
         return y.to(x.dtype).reshape(*x.shape[:-1], base.shape[0])
@@ -253,11 +323,16 @@ def factorized_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores:
             return sweep.operand_grads(steps, nodes, len(gates) + 1,
                                        g_adapter.reshape(out.shape))
 
-        gx_adapter, *core_grads = grads(cores)
+        chain = _chain(eq)
+        if chain is not None and frozen:
+            gx_adapter, core_grads = _telescoped_backward(chain, x3, cores, frozen, g_adapter,
+                                                          need_x)
+        else:
+            gx_adapter, *core_grads = grads(cores)
+            if need_x and frozen:
+                gx_adapter = gx_adapter - grads(frozen)[0]
         gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
         if need_x:
-            if frozen:
-                gx_adapter = gx_adapter - grads(frozen)[0]
             gx = (g.matmul(base.to(x.dtype)).to(x3.dtype) + gx_adapter.reshape(g.shape[0], -1))
             gx = gx.to(x.dtype).reshape(x.shape)
         gb = g.sum(0).to(bias.dtype) if need_bias else x.new_empty(0)

@@ -13,7 +13,8 @@ from tests.layer_checks import (TOL, check_against_oracle, check_compiled_matche
                                 cores_op_args, oracle_forward_and_grads, realistic_conv,
                                 run_layer, train_a_little)
 import tenvoo_fast
-from tenvoo_fast import AdapterError, LoRAConv3d, TenVOOConv3d, methods, use_backend, use_strategy
+from tenvoo_fast import (AdapterError, LoRAConv3d, QuanTALinear, TenVOOConv3d, methods,
+                         use_backend, use_strategy)
 from tenvoo_fast.kernels import torch_activation_maps as activation_maps
 from tenvoo_fast.contraction.partition import channel_letters, partition
 from tenvoo_fast.measure import owned_tensors, saved_bytes
@@ -111,6 +112,27 @@ def test_fp32_error_near_init_within_1_5x_of_merged(cin, cout, variant, seeded, 
         merged = errors()
     worst = max(g / m for g, m in zip(got, merged))
     assert worst <= 1.5, f"factorized/merged fp32 error up to {worst:.2f}x: {got} vs {merged}"
+
+
+@pytest.mark.parametrize("cin,cout", [(128, 128), (256, 512)])
+def test_quanta_fp32_error_near_init_within_1_5x_of_merged(cin, cout, seeded):
+    """QuanTA's gates on the activations: A(x; θ) - A(x; θ0) telescoped along the gate chain
+    (and its input gradient in reverse) keeps the output and input-gradient error within
+    1.5x of the merged Linear's."""
+    lin = nn.Linear(cin, cout)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    layer = near_init(QuanTALinear.from_linear(lin, 4))
+    x = torch.randn(16, cin)
+    gy = torch.randn(16, cout, dtype=torch.float64)
+    want = oracle_forward_and_grads(layer, x, gy, "linear")
+    errors = {}
+    for strategy in ("factorized", "merged"):
+        with use_backend("torch"), use_strategy(strategy):
+            y, gx, _ = run_layer(layer, x, gy)
+        errors[strategy] = [rel_err(y, want[0]), rel_err(gx, want[1])]
+    worst = max(f / m for f, m in zip(errors["factorized"], errors["merged"]))
+    assert worst <= 1.5, f"factorized/merged fp32 error up to {worst:.2f}x: {errors}"
 
 
 def test_zero_last_init_has_no_frozen_path(seeded, factorized):

@@ -213,21 +213,20 @@ def _apply_gates(x3: Tensor, cores: list[Tensor], eq: str) -> Tensor:
 
 
 @lru_cache(maxsize=None)
-def _chain(eq: str) -> Optional[tuple[tuple[str, str, str], ...]]:
+def _chain(eq: str) -> tuple[tuple[str, str, str], ...]:
     """The activation equation as gates applied one at a time to x: per gate, the letters of
-    its input h, of the gate and of its output (the last one the equation's output); None
-    when some gate reads letters no earlier step provides (then it is not a chain)."""
+    its input h, of the gate and of its output (the last one the equation's output)."""
     lhs, out = eq.split("->")
     x, *gates = lhs.split(",")
     steps, cur = [], x
     for k, g in enumerate(gates):
-        if not set(g) & set(cur):
-            return None
         later = set("".join(gates[k + 1:])) | set(out)
         nxt = out if k == len(gates) - 1 else "".join(
             l for l in dict.fromkeys(cur + g) if l in later)
-        if not set(nxt) <= set(cur) | set(g) or not set(cur) <= set(nxt) | set(g):
-            return None
+        if (not set(g) & set(cur) or not set(nxt) <= set(cur) | set(g)
+                or not set(cur) <= set(nxt) | set(g)):
+            raise ValueError(f"{eq}: gate {k} ({g}) does not act on the result of the gates "
+                             "before it; the factorized Linear needs a chain of gates")
         steps.append((cur, g, nxt))
         cur = nxt
     return tuple(steps)
@@ -288,13 +287,10 @@ def factorized_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list
     with torch.autocast(x.device.type, enabled=False), torch.no_grad():
         eq = _token_equation(equation)
         x3 = _factorized_x(x, eq, cores)
-        chain = _chain(eq)
-        if frozen and chain is not None:
-            delta = _telescoped(chain, x3, cores, frozen).reshape(x3.shape[0], -1)
+        if frozen:
+            delta = _telescoped(_chain(eq), x3, cores, frozen).reshape(x3.shape[0], -1)
         else:
             delta = _apply_gates(x3, cores, eq)
-            if frozen:
-                delta = delta - _apply_gates(x3, frozen, eq)
         y = F.linear(x, base.to(x.dtype), None if bias is None else bias.to(x.dtype))
         y = y.reshape(-1, base.shape[0]).to(delta.dtype) + scale * delta
         return y.to(x.dtype).reshape(*x.shape[:-1], base.shape[0])
@@ -318,19 +314,13 @@ def factorized_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores:
         g = grad_out.reshape(-1, base.shape[0])
         g_adapter = g.to(x3.dtype) * scale
 
-        def grads(gates):
-            steps, nodes, out = sweep.contract(eq, [x3, *gates])
-            return sweep.operand_grads(steps, nodes, len(gates) + 1,
-                                       g_adapter.reshape(out.shape))
-
-        chain = _chain(eq)
-        if chain is not None and frozen:
-            gx_adapter, core_grads = _telescoped_backward(chain, x3, cores, frozen, g_adapter,
-                                                          need_x)
+        if frozen:
+            gx_adapter, core_grads = _telescoped_backward(_chain(eq), x3, cores, frozen,
+                                                          g_adapter, need_x)
         else:
-            gx_adapter, *core_grads = grads(cores)
-            if need_x and frozen:
-                gx_adapter = gx_adapter - grads(frozen)[0]
+            steps, nodes, out = sweep.contract(eq, [x3, *cores])
+            gx_adapter, *core_grads = sweep.operand_grads(steps, nodes, len(cores) + 1,
+                                                          g_adapter.reshape(out.shape))
         gx = x.new_empty(0)  # (separate empties: a custom op's outputs may not alias)
         if need_x:
             gx = (g.matmul(base.to(x.dtype)).to(x3.dtype) + gx_adapter.reshape(g.shape[0], -1))

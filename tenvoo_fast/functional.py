@@ -72,7 +72,7 @@ def _bias(layer, x):
 
 
 def _frozen_cores(layer) -> list:
-    return [] if layer.frozen_cores is None else list(layer.frozen_cores)
+    return [] if layer.frozen_cores is None else list(layer.frozen_cores._buffers.values())
 
 
 def _frozen_delta(layer, backend) -> list:
@@ -102,11 +102,11 @@ def _fast_conv3d(layer, x, backend):
     net = layer.network
     if chosen == "merged":
         return call(ops.merged.merged_conv3d,
-                    x, layer.weight, net.views(layer.cores), _frozen_delta(layer, backend),
+                    x, layer.weight, net.views(layer.core_list()), _frozen_delta(layer, backend),
                     layer.bias, net.equation, net.scale, geo.pack(), backend.impl)[0]
     op = (ops.factorized.factorized_conv3d if chosen == "factorized"
           else ops.implicit_gemm.implicit_conv3d)
-    return call(op, x, layer.weight, list(layer.cores), _frozen_cores(layer), layer.bias,
+    return call(op, x, layer.weight, layer.core_list(), _frozen_cores(layer), layer.bias,
                 net.equation, ",".join(channel_letters(net)), net.scale, geo.pack(),
                 backend.impl)
 
@@ -117,8 +117,8 @@ def _fast_linear(layer, x, backend):
     if dispatch.linear_strategy(layer, x.numel() // x.shape[-1], backend.impl,
                                 x.device.type) == "factorized":
         return call(ops.factorized.factorized_linear,
-                    x, layer.weight, list(layer.cores), _frozen_cores(layer), layer.bias,
+                    x, layer.weight, layer.core_list(), _frozen_cores(layer), layer.bias,
                     layer.activation_equation, net.scale)
     return call(ops.merged.merged_linear,
-                x, layer.weight, net.views(layer.cores), _frozen_delta(layer, backend),
+                x, layer.weight, net.views(layer.core_list()), _frozen_delta(layer, backend),
                 layer.bias, net.equation, net.scale, backend.impl)[0]

@@ -64,8 +64,9 @@ class TensorNetwork:
         return sum(c.numel for c in self.cores)
 
     def views(self, tensors) -> list:
-        """Stored-shape core ``tensors`` reshaped as the contraction reads them."""
-        return [t.reshape(c.contraction_shape) for t, c in zip(tensors, self.cores)]
+        """Stored-shape core ``tensors`` reshaped as the contraction reads them (the tensors
+        themselves where the shapes agree: a no-op view would still cost an autograd node)."""
+        return [t if c.view is None else t.reshape(c.view) for t, c in zip(tensors, self.cores)]
 
 
 ZEROS = Init("zeros")

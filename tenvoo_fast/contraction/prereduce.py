@@ -82,10 +82,16 @@ def reduced_cores(cores: Sequence[torch.Tensor], equation: str):
     """(plan, contraction dtype, cores with redundant axes pre-reduced) for the fast ops."""
     p = plan(equation, tuple(tuple(c.shape) for c in cores))
     dtype = contraction_dtype(cores)
-    return p, dtype, reduce_cores(p, [c.to(dtype) for c in cores])
+    return p, dtype, reduce_cores(p, [c if c.dtype == dtype else c.to(dtype) for c in cores])
 
 
 def stored_grads(p: Plan, grads, cores) -> list[torch.Tensor]:
     """Gradients of the reduced cores -> gradients of the stored cores (contiguous, core dtype)."""
-    return [expand_grad(p, i, g, tuple(c.shape)).to(c.dtype).contiguous()
-            for i, (g, c) in enumerate(zip(grads, cores))]
+    out = []
+    for i, (g, c) in enumerate(zip(grads, cores)):
+        if p.sum_axes[i] or p.squeeze_axes[i]:
+            g = expand_grad(p, i, g, tuple(c.shape))
+        if g.dtype != c.dtype:
+            g = g.to(c.dtype)
+        out.append(g if g.is_contiguous() else g.contiguous())
+    return out

@@ -65,7 +65,7 @@ def backend_for(layer, x: torch.Tensor) -> tuple[Backend, Optional[str]]:
     # A measured decision, if any; not consulted while compiling.
     choice = None if compiling else autotune.lookup(layer, x)
     backend = resolve(layer, x, choice[0] if choice else None)
-    if not compiling:
+    if not compiling and layer.__dict__.get("execution_backend") != backend.name:
         # The strategy is recorded by the strategy choice itself; the reference has none.
         layer.execution_backend, layer.execution_strategy = backend.name, None
     tuned = choice[1] if choice is not None and choice[0] == backend.name else None

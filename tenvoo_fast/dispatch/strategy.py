@@ -110,7 +110,7 @@ def _launch_bound(impl, device_type: str) -> bool:
 
 
 def _record(layer, choice: str) -> str:
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and layer.__dict__.get("execution_strategy") != choice:
         layer.execution_strategy = choice
     return choice
 

@@ -159,6 +159,11 @@ class AdapterLayer:
                     module._apply(fn)
         return super()._apply(fn, recurse=False)
 
+    def core_list(self) -> list:
+        """The cores as a list, in order (what ``list(self.cores)`` gives, without the
+        ParameterList's per-item lookups: this runs on every forward)."""
+        return list(self.cores._parameters.values())
+
     # -- the math -----------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """T(θ): the trainable network in the layer weight's layout, fp32 (fp64 for fp64 cores)."""
@@ -174,8 +179,8 @@ class AdapterLayer:
         if self.frozen_cores is None:
             return None
         backend = backend or get_backend("reference")
-        frozen = list(self.frozen_cores)
-        dtype = reference.contraction_dtype([self.weight, *self.cores])
+        frozen = list(self.frozen_cores._buffers.values())
+        dtype = reference.contraction_dtype((self.weight, *frozen))   # frozen: as the cores
         if torch.compiler.is_compiling():
             # Built in the graph (a cache keyed on data pointers cannot be traced); always right.
             return functional.delta_weight(self.network, [t.to(dtype) for t in frozen], backend)

@@ -8,6 +8,7 @@ more host time than the adapter's own work at small sizes; ``torch.compile`` see
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -26,3 +27,17 @@ def custom_op(name: str, **kwargs):
         BODY_OF[op] = fn
         return op
     return define
+
+
+def exact_math(device_type: str):
+    """The context every op body computes in: autocast off and no autograd recording. Only
+    what is on is switched off (entering ``torch.autocast`` costs host time on every call)."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return _autocast_off_no_grad(device_type)
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _autocast_off_no_grad(device_type: str):
+    with torch.autocast(device_type, enabled=False), torch.no_grad():
+        yield

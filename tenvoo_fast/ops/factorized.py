@@ -39,7 +39,7 @@ from ..contraction.partition import partition
 from ..contraction.prereduce import reduced_cores, stored_grads
 from ..contraction.reference import contraction_dtype, ieee_fp32
 from .autograd import register_recompute_autograd
-from .define import custom_op
+from .define import custom_op, exact_math
 from .geometry import (ConvGeometry, check_linear_args, register_cores_conv_fake, input_grad_like,
                        memory_format)
 
@@ -99,7 +99,7 @@ def factorized_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list
     module docstring); ``letters`` = "out,in,tap" letters (e.g. ``"ABC,abc,xyz"``), ``conv`` =
     stride + padding + dilation (9 ints); ``frozen``: the frozen cores (empty: no frozen copy);
     ``impl`` runs the activation-sized maps."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+    with exact_math(x.device.type):
         *_, (u, k, v), _, (u0, k0, v0) = _setup(cores, frozen, equation, letters, base)
         run = kernels.activation_maps(impl)
         geo = ConvGeometry.unpack(conv)
@@ -136,7 +136,7 @@ def factorized_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores:
     z2 = conv(z1, K) from the saved input. The blocks' gradients (dV = g ⊗ z2, dK from the
     small conv's weight gradient, dU = x ⊗ dz1) give every core's by each block's reverse
     sweep; the input gradient is the base conv's plus Uᵀ·dz1 (minus θ0's), added in place."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+    with exact_math(x.device.type):
         frozen_x = bool(frozen) and need_x
         p, part, reduced, (u, k, v), states, (u0, k0, v0) = _setup(
             cores, frozen if frozen_x else [], equation, letters, base)
@@ -284,7 +284,7 @@ def factorized_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list
     empty means no frozen copy. Equal to the merged ``linear(x, W - Q(θ0) + Q(θ))`` in exact
     arithmetic; the base GEMM runs in x's dtype and the adapter term in fp32 (fp64), so the
     frozen-copy layer reproduces the base layer exactly at initialisation."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+    with exact_math(x.device.type):
         eq = _token_equation(equation)
         x3 = _factorized_x(x, eq, cores)
         if frozen:
@@ -308,7 +308,7 @@ def factorized_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores:
                                need_bias: bool, equation: str, scale: float) -> list[Tensor]:
     """[grad_x, grad_bias, *grad_cores] of :func:`factorized_linear`, recomputing the adapter's
     partial products (only x and the cores were saved)."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+    with exact_math(x.device.type):
         eq = _token_equation(equation)
         x3 = _factorized_x(x, eq, cores)
         g = grad_out.reshape(-1, base.shape[0])

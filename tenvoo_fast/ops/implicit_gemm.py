@@ -22,7 +22,7 @@ from ..contraction import last_step, sweep
 from ..contraction.generation import split_tree
 from ..contraction.prereduce import reduced_cores, stored_grads
 from .autograd import register_recompute_autograd
-from .define import custom_op
+from .define import custom_op, exact_math
 from .geometry import ConvGeometry, register_cores_conv_fake, input_grad_like, memory_format
 
 
@@ -50,7 +50,7 @@ def implicit_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[T
     """``conv3d(x, W + scale*(T(θ) - T(θ0)), bias)`` with the weight generated tile by tile
     inside an implicit GEMM (``letters`` = "out,in,tap", ``conv`` = stride + padding +
     dilation; ``frozen``: the frozen cores, empty for no frozen copy)."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+    with exact_math(x.device.type):
         *_, gen, P, Q = _operands(cores, equation, letters)
         P0, Q0 = _frozen_operands(frozen, equation, letters)
         geo = ConvGeometry.unpack(conv)
@@ -69,7 +69,7 @@ def implicit_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: l
                              conv: list[int], impl: str) -> list[Tensor]:
     """[grad_x, grad_bias, *grad_cores] of :func:`implicit_conv3d`: P and Q recomputed, the input
     gradient by a second implicit GEMM, dL/dW reduced tile by tile into dL/dP and dL/dQ."""
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+    with exact_math(x.device.type):
         p, reduced, steps, nodes, lay, gen, P, Q = _operands(cores, equation, letters)
         launch = kernels.implicit_conv(impl)
         geo = ConvGeometry.unpack(conv)

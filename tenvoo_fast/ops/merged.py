@@ -29,7 +29,7 @@ from ..contraction import last_step, program, sweep
 from ..contraction.prereduce import plan, reduced_cores, stored_grads
 from ..contraction.reference import contraction_dtype
 from .autograd import register_recompute_autograd
-from .define import custom_op
+from .define import custom_op, exact_math
 from .geometry import (ConvGeometry, check_conv_args, check_linear_args, conv_output_like,
                        memory_format)
 
@@ -90,7 +90,7 @@ def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale
 def build_delta(cores: list[Tensor], equation: str, weight_shape: list[int],
                 scale: float, impl: str) -> Tensor:
     """ΔW = scale * einsum(equation, *cores).reshape(weight_shape), fp32 (fp64 for fp64)."""
-    with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
+    with exact_math(cores[0].device.type):
         return _contract(cores, equation, weight_shape, scale, impl)
 
 
@@ -106,7 +106,7 @@ def _(cores, equation, weight_shape, scale, impl):
 def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str,
                          weight_shape: list[int], scale: float, impl: str) -> list[Tensor]:
     """dL/dcore_k for every core, given dL/dΔW (reverse sweep, nothing saved)."""
-    with torch.autocast(cores[0].device.type, enabled=False), torch.no_grad():
+    with exact_math(cores[0].device.type):
         fused = _fused(cores, equation, impl)
         if fused is not None:
             tree = kernels.tree(impl)
@@ -149,7 +149,7 @@ def _fused_effective(steps, nodes, base, frozen, weight_shape, scale, impl, out_
 def _effective(base, frozen, cores, equation, scale, impl, out_dtype) -> tuple[Tensor, Tensor]:
     """(effective weight, what backward keeps: the program's small intermediates (``torch``)
     or nothing (the other kernels rebuild them))."""
-    with torch.autocast(base.device.type, enabled=False), torch.no_grad():
+    with exact_math(base.device.type):
         fused = _fused(cores, equation, impl)
         if fused is not None:
             tree = kernels.tree(impl)
@@ -220,7 +220,7 @@ def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, 
     conv/linear backward runs once on it, and the reverse sweep turns dL/dW into every core's
     gradient.
     """
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+    with exact_math(x.device.type):
         shape = list(base.shape)
         fused = _fused(cores, equation, impl)
         if fused is not None:

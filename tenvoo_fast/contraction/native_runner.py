@@ -7,6 +7,12 @@ table, and each call hands the C++ runner only where every tensor lies; it issue
 calls (``bmm`` with ``out=``, ``copy_``, ``_foreach_copy_``) in the same order, so results and
 launch counts are the same. Used when the ``tenvoo_fast._C`` extension is built; else the
 Python runner runs.
+
+On the CPU the runner does the small instructions as plain loops instead of ATen calls (see
+``csrc/run_program.cpp``): the same sums in the contraction dtype, without ATen's per-call cost
+on tiny operands. While a dispatch mode watches (a launch counter, a tracer) it also issues each
+one's ATen call, so counts are those of the portable path (the calls the same program makes on
+a GPU), and keeps the loop's result, so counting never changes the numbers.
 """
 from __future__ import annotations
 
@@ -15,11 +21,16 @@ import importlib
 import torch
 
 try:    # by name: the extension is a leaf module, not part of the package's import graph
-    RUNNER = getattr(importlib.import_module("tenvoo_fast._C"), "run_program", None)
+    _EXTENSION = importlib.import_module("tenvoo_fast._C")
 except ImportError:             # the extension was not built (setup.py flags)
-    RUNNER = None
+    _EXTENSION = None
+RUNNER = getattr(_EXTENSION, "run_program", None)
+_MATMUL = getattr(_EXTENSION, "matmul_out", None)
+_FOLD = getattr(_EXTENSION, "fold_out", None)
 
 MATMUL, COPY, GROUP = 0, 1, 2
+#: Small CPU instructions as loops (False: every instruction an ATen call, as on a GPU).
+LOOPS = True
 _TABLES: dict = {}
 _NO_PLACE = torch.empty(0, device="cpu")   # ids this code does not name
 
@@ -78,4 +89,24 @@ def run(code, places: dict, sources: dict | None, views_of) -> None:
     if sources:
         for i, (buf, off) in sources.items():
             bases[width + i], offsets[width + i] = buf, off
-    RUNNER(bases, offsets, table)
+    RUNNER(bases, offsets, table, LOOPS, watched())
+
+
+def watched() -> bool:
+    """Whether a dispatch mode is active (then every instruction is also an ATen call)."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b, out=out)``; a loop in C++ when small and on the CPU."""
+    if _MATMUL is None:
+        return torch.bmm(a, b, out=out)
+    _MATMUL(a, b, out, LOOPS, watched())
+    return out
+
+
+def fold(t: torch.Tensor, frozen, base: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = base + (t - frozen)`` (``frozen`` None: ``base + t``) as one C++ loop, all of
+    ``t``'s shape with any strides; False when not done here (not on the CPU, another dtype,
+    large, or watched): the caller runs the torch ops, which round the same way."""
+    return _FOLD is not None and _FOLD(t, frozen, base, out, LOOPS, watched())

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import torch
 
+from ..contraction import native_runner
 from ..contraction.last_step import Layout, operands, permutation, unmatrix
 from . import workspace
 
@@ -150,7 +151,7 @@ def build_weight(prog, left, right, weight_shape, scale: float, base=None, froze
     transient = base is not None
     t = (workspace.scratch("gemm", (B, M, N), left.dtype, left.device) if transient
          else left.new_empty((B, M, N)))
-    torch.bmm(left, right, out=t)
+    native_runner.bmm(left, right, t)    # a loop for a small layer on the CPU
     if scale != 1.0:
         t.mul_(scale)
     view = t.view(gemm).permute(prog.to_weight)
@@ -158,6 +159,9 @@ def build_weight(prog, left, right, weight_shape, scale: float, base=None, froze
         return left.new_empty(weight_shape).copy_(view.reshape(weight_shape))
     dtype = out_dtype or t.dtype
     out = workspace.scratch("weight", weight_shape, dtype, left.device)
+    if native_runner.fold(view, None if frozen is None else frozen.reshape(letters),
+                          base.reshape(letters), out.view(letters)):
+        return out                      # one loop, for a small layer on the CPU
     if frozen is None:
         torch.add(base.reshape(letters), view, out=out.view(letters))
         return out

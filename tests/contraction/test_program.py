@@ -94,8 +94,9 @@ def _run_both_ways(p, reduced, native: bool, monkeypatch):
 @pytest.mark.parametrize("name,cin,cout,k,r", [c for c in _cases() if c[1] in (32, 128)]
                          + [("quanta", 256, 256, None, 4)])
 def test_the_cpp_runner_issues_the_python_runners_calls(name, cin, cout, k, r, monkeypatch):
-    """csrc/run_program.cpp runs a program as program._run does: bit-identical results, and
-    the same ATen calls (a launch counter sees each of them)."""
+    """csrc/run_program.cpp runs a program as program._run does: bit-identical results (its
+    CPU loops off), and the same ATen calls (a launch counter sees each of them)."""
+    monkeypatch.setattr(native_runner, "LOOPS", False)
     torch.manual_seed(0)
     p, reduced = _network(name, cin, cout, k, r)
     reduced = [c.float() for c in reduced]
@@ -116,3 +117,79 @@ def test_the_cpp_runners_table_is_made_on_the_cpu_whatever_the_default_device():
     with torch.device("meta"):
         table, width = native_runner._encode(prog.forward, True, P._relayout_views_of)
     assert table.device.type == "cpu" and table.dtype == torch.int64 and width > 0
+
+
+def _run_plain(p, reduced, watch=None):
+    """The forward and backward programs' results; ``watch``: the ATen calls the two program
+    runs made, by name (a profiler's view, which a dispatch mode would change)."""
+    prog = P.program_for(p.equation, p.shapes)
+    g = torch.randn(prog.gemm[:3], dtype=reduced[0].dtype,
+                    generator=torch.Generator().manual_seed(1))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        saved, left, right = P.run_forward(prog, reduced)
+        grads = P.run_backward(prog, reduced, saved, g)
+    if watch is not None:
+        watch.update(e.name for e in prof.events())
+    return [saved, left, right, *grads]
+
+
+@pytest.mark.skipif(not native_runner.available(), reason="tenvoo_fast._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,cin,cout,k,r", [c for c in _cases() if c[1] in (32, 128)]
+                         + [("quanta", 256, 256, None, 4)])
+def test_the_cpp_runners_cpu_loops_agree_with_its_aten_calls(name, cin, cout, k, r, dtype,
+                                                             monkeypatch):
+    """On the CPU the C++ runner does small instructions as loops: watched by a launch
+    counter it gives the same bits (it issues the ATen calls too, and keeps the loops'
+    results), and its results agree with the ATen calls' within a few ulps of the sums."""
+    torch.manual_seed(0)
+    p, reduced = _network(name, cin, cout, k, r)
+    reduced = [c.to(dtype) for c in reduced]
+    looped = _run_plain(p, reduced)
+    with LaunchCounter():
+        counted = _run_plain(p, reduced)
+    for a, b in zip(looped, counted):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(native_runner, "LOOPS", False)
+    aten = _run_plain(p, reduced)
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(looped, aten):
+        scale = b.abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a, b, rtol=0, atol=64 * eps * scale)
+
+
+@pytest.mark.skipif(not native_runner.available(), reason="tenvoo_fast._C not built")
+@pytest.mark.parametrize("name", ["tenvoo-l", "lora", "loha", "lokr"])
+def test_a_small_layers_programs_issue_no_aten_call_on_the_cpu(name):
+    """At 8->8 channels every instruction is under the loop limit: the forward and backward
+    programs make no ATen matmul or copy (watched, they issue them). (TenVOO-Q's r³ bond
+    makes its weight-sized backward GEMM larger than the limit even here.)"""
+    torch.manual_seed(0)
+    p, reduced = _network(name, 8, 8, 3, 4)
+    reduced = [c.float() for c in reduced]
+    called = set()
+    _run_plain(p, reduced, called)
+    work = {"aten::bmm", "aten::copy_", "aten::_foreach_copy_"}
+    assert not called & work, called
+    with LaunchCounter():
+        _run_plain(p, reduced, called)
+    assert called & work
+
+
+@pytest.mark.skipif(not native_runner.available(), reason="tenvoo_fast._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_frozen", [True, False])
+def test_the_cpu_fold_loop_rounds_as_the_torch_ops(dtype, with_frozen):
+    """``W + (T - T0)`` as one loop over a permuted T gives the torch ops' bits (the same two
+    roundings), and leaves it to them where it does not apply (watched)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(4, 3, 2, 5, 6, generator=g, dtype=dtype).permute(3, 0, 4, 1, 2)
+    frozen = torch.randn(t.shape, generator=g, dtype=dtype) if with_frozen else None
+    base = torch.randn(t.shape, generator=g, dtype=dtype) * 1e3
+    out = torch.empty(t.shape, dtype=dtype)
+    assert native_runner.fold(t, frozen, base, out)
+    expected = base + (t - frozen) if with_frozen else base + t
+    assert torch.equal(out, expected)
+    with LaunchCounter():
+        assert not native_runner.fold(t, frozen, base, out)
+    assert not native_runner.fold(t, frozen, base.to(torch.bfloat16), out.to(torch.bfloat16))

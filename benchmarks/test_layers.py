@@ -1,7 +1,9 @@
 """Fwd+bwd of one adapted layer per method, backend and shape, beside its peers, in one run.
 
 Peers: a trainable plain Conv3d (full fine-tuning), a frozen Conv3d (the floor: forward plus
-input gradient), and the reference backend (the published algorithm). Each case records
+input gradient), the autograd floor (a frozen conv carrying the adapter's trainable tensors
+through one ``autograd.Function`` that does no adapter work: what any layer with that many
+trainable tensors pays autograd), and the reference backend (the published algorithm). Each case records
 ``saved_bytes`` (what autograd keeps for backward beyond the input and the layer's own tensors)
 and the weight's size in ``extra_info``. ``python benchmarks/report.py results.json`` turns a
 ``--benchmark-json`` file into a markdown table of ratios. CI runs this with
@@ -75,6 +77,45 @@ def test_plain_conv(benchmark, shape, peer):
     owned = [x, conv.weight, conv.bias]
     _run(benchmark, lambda: conv(x).sum().backward(), owned, conv.weight, shape=shape,
          method=peer, backend="torch")
+
+
+class _ConvWithIdleTensors(torch.autograd.Function):
+    """A conv whose backward also hands zero gradients to ``idle`` trainable tensors: what
+    autograd alone charges a layer with that many trainable tensors (no adapter work)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, *idle):
+        ctx.save_for_backward(x, weight)
+        ctx.idle = [t.shape for t in idle]
+        return nn.functional.conv3d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, _, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]], [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1,
+            [True, False, True])
+        return (gx, None, gb, *[grad.new_zeros(s) for s in ctx.idle])
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_autograd_floor(benchmark, shape, adapter):
+    """The floor of an adapted layer's host time: a frozen conv plus the adapter's trainable
+    tensors (its cores and the bias) through one ``autograd.Function`` that does no adapter
+    work, only their zero gradients."""
+    cin, cout, vol = SHAPES[shape]
+    variant, rank = ADAPTERS[adapter]
+    layer = TenVOOConv3d.from_conv(nn.Conv3d(cin, cout, 3, padding=1, device=DEVICE), rank,
+                                   variant)
+    cores = list(layer.cores)
+    x = torch.randn(1, cin, *vol, device=DEVICE, requires_grad=True)
+    w = layer.weight.detach()
+
+    def step():
+        _ConvWithIdleTensors.apply(x, w, layer.bias, *cores).sum().backward()
+    _run(benchmark, step, [x, w, layer.bias, *cores], w, shape=shape, method=adapter,
+         backend="autograd-floor")
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -21,6 +21,7 @@
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <vector>
 
 namespace tenvoo_fast {
@@ -128,16 +129,30 @@ bool loop_matmul(int64_t batch, int64_t m, int64_t n, int64_t k, c10::IntArrayRe
   return work <= kLoopLimit || (work <= kOddLayoutLoopLimit && !plain_gemm(batch, as, bs, os));
 }
 
+// Output columns one pass of the inner loop keeps in registers.
+constexpr int64_t kColumns = 16;
+
 // out[z, i, j] = sum_q a[z, i, q] * b[z, q, j] over (batch, rows, cols) strided views, as rows:
 // row i of out = sum over q, in order, of a[i, q] * row q of b. Every element is summed over q
 // in order from zero (no FMA: built with -ffp-contract=off), whatever the layouts; the inner
 // loop runs over unit strides (b's rows packed, and out's row staged, where they are not), so
 // the compiler vectorises it.
-// Output columns one pass of the inner loop keeps in registers.
-constexpr int64_t kColumns = 16;
+
+// W consecutive outputs of one row, their sums held in registers over q.
+template <typename T, int64_t W>
+inline void row_block(const T* ra, int64_t a2, const T* brows, int64_t ldb, int64_t k,
+                      T* __restrict__ out) {
+  T acc[W] = {};
+  for (int64_t q = 0; q < k; ++q) {
+    const T s = ra[q * a2];
+    const T* __restrict__ brow = brows + q * ldb;
+    for (int64_t u = 0; u < W; ++u) acc[u] += s * brow[u];
+  }
+  for (int64_t u = 0; u < W; ++u) out[u] = acc[u];
+}
 
 template <typename T>
-void matmul_loop(const T* pa, c10::IntArrayRef as, const T* pb, c10::IntArrayRef bs, T* po,
+void matmul_rows(const T* pa, c10::IntArrayRef as, const T* pb, c10::IntArrayRef bs, T* po,
                  c10::IntArrayRef size, c10::IntArrayRef os, int64_t k) {
   const int64_t nb = size[0], m = size[1], n = size[2];
   const int64_t a0 = as[0], a1 = as[1], a2 = as[2];
@@ -161,24 +176,35 @@ void matmul_loop(const T* pa, c10::IntArrayRef as, const T* pb, c10::IntArrayRef
       T* __restrict__ row = o2 == 1 ? po + z * o0 + i * o1 : staged.data();
       const T* ra = pa + z * a0 + i * a1;
       int64_t j = 0;
-      for (; j + kColumns <= n; j += kColumns) {   // kColumns sums held in registers over q
-        T acc[kColumns] = {};
-        for (int64_t q = 0; q < k; ++q) {
-          const T s = ra[q * a2];
-          const T* __restrict__ brow = rows_b + q * ldb + j;
-          for (int64_t u = 0; u < kColumns; ++u) acc[u] += s * brow[u];
-        }
-        for (int64_t u = 0; u < kColumns; ++u) row[j + u] = acc[u];
+      for (; j + kColumns <= n; j += kColumns)
+        row_block<T, kColumns>(ra, a2, rows_b + j, ldb, k, row + j);
+      if (j + kColumns / 2 <= n) {
+        row_block<T, kColumns / 2>(ra, a2, rows_b + j, ldb, k, row + j);
+        j += kColumns / 2;
       }
-      for (; j < n; ++j) {
-        T acc = 0;
-        for (int64_t q = 0; q < k; ++q) acc += ra[q * a2] * rows_b[q * ldb + j];
-        row[j] = acc;
+      if (j + kColumns / 4 <= n) {
+        row_block<T, kColumns / 4>(ra, a2, rows_b + j, ldb, k, row + j);
+        j += kColumns / 4;
       }
+      for (; j < n; ++j) row_block<T, 1>(ra, a2, rows_b + j, ldb, k, row + j);
       if (o2 != 1)
         for (int64_t j = 0; j < n; ++j) po[z * o0 + i * o1 + j * o2] = row[j];
     }
   }
+}
+
+template <typename T>
+void matmul_loop(const T* pa, c10::IntArrayRef as, const T* pb, c10::IntArrayRef bs, T* po,
+                 c10::IntArrayRef size, c10::IntArrayRef os, int64_t k) {
+  if (size[1] > size[2]) {
+    // Longer rows than columns: compute out^T = b^T a^T instead, so that the vectorised inner
+    // loop runs over the longer side (the same products, summed in the same order).
+    const int64_t at[3] = {bs[0], bs[2], bs[1]}, bt[3] = {as[0], as[2], as[1]};
+    const int64_t ot[3] = {os[0], os[2], os[1]}, st[3] = {size[0], size[2], size[1]};
+    matmul_rows<T>(pb, at, pa, bt, po, st, ot, k);
+    return;
+  }
+  matmul_rows<T>(pa, as, pb, bs, po, size, os, k);
 }
 
 template <typename T>
@@ -192,28 +218,47 @@ void matmul_loop(const Places& p, const Strided& a, const Strided& b, const Stri
   matmul_loop<T>(pa, a.stride, pb, b.stride, po, out.size, out.stride, a.size[2]);
 }
 
+// Calls row(offsets, n, inner strides) for every innermost row of ``shape``: offsets[t] is
+// operand t's element offset of the row's first element (an odometer over the outer dims).
+template <size_t N, typename Row>
+void for_each_row(c10::IntArrayRef shape, const std::array<c10::IntArrayRef, N>& strides,
+                  Row row) {
+  const int64_t ndim = static_cast<int64_t>(shape.size());
+  std::array<int64_t, N> off{}, inner{};
+  if (ndim == 0) {
+    row(off, 1, inner);
+    return;
+  }
+  for (int64_t s : shape)
+    if (s == 0) return;
+  for (size_t t = 0; t < N; ++t) inner[t] = strides[t][ndim - 1];
+  std::vector<int64_t> index(ndim - 1, 0);
+  while (true) {
+    row(off, shape[ndim - 1], inner);
+    int64_t d = ndim - 2;
+    for (; d >= 0; --d) {
+      if (++index[d] < shape[d]) {
+        for (size_t t = 0; t < N; ++t) off[t] += strides[t][d];
+        break;
+      }
+      for (size_t t = 0; t < N; ++t) off[t] -= (shape[d] - 1) * strides[t][d];
+      index[d] = 0;
+    }
+    if (d < 0) return;
+  }
+}
+
 template <typename T>
 void copy_loop(const Places& p, const Strided& dst, const Strided& src) {
   T* pd = p.pointer<T>(dst);
   if (pd == nullptr) return;
   const T* ps = p.pointer<T>(src);
-  const int64_t ndim = static_cast<int64_t>(dst.size.size());
-  const int64_t total = dst.numel();
-  std::vector<int64_t> index(ndim, 0);
-  int64_t od = 0, os = 0;
-  for (int64_t e = 0; e < total; ++e) {
-    pd[od] = ps[os];
-    for (int64_t d = ndim - 1; d >= 0; --d) {   // odometer over the shared shape
-      if (++index[d] < dst.size[d]) {
-        od += dst.stride[d];
-        os += src.stride[d];
-        break;
-      }
-      od -= (dst.size[d] - 1) * dst.stride[d];
-      os -= (src.size[d] - 1) * src.stride[d];
-      index[d] = 0;
-    }
-  }
+  for_each_row<2>(dst.size, {dst.stride, src.stride},
+                  [&](const std::array<int64_t, 2>& o, int64_t n, const std::array<int64_t, 2>& st) {
+                    T* d = pd + o[0];
+                    const T* s = ps + o[1];
+                    for (int64_t e = 0; e < n; ++e) d[e * st[0]] = s[e * st[1]];
+                  });
 }
 
 // Whether every placed tensor is a CPU tensor of one loopable dtype (then that dtype).
@@ -316,30 +361,25 @@ void matmul_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool 
 template <typename T>
 void fold_loop(const at::Tensor& t, const at::Tensor& frozen, const at::Tensor& base,
                at::Tensor& out) {
-  const int64_t ndim = out.dim(), total = out.numel();
   const T* pt = t.const_data_ptr<T>();
-  const T* pf = frozen.defined() ? frozen.const_data_ptr<T>() : nullptr;
   const T* pw = base.const_data_ptr<T>();
   T* po = out.mutable_data_ptr<T>();
-  std::vector<int64_t> index(ndim, 0);
-  int64_t it = 0, iff = 0, iw = 0, io = 0;
-  for (int64_t e = 0; e < total; ++e) {
-    po[io] = pf ? pw[iw] + (pt[it] - pf[iff]) : pw[iw] + pt[it];
-    for (int64_t d = ndim - 1; d >= 0; --d) {   // odometer over the shared shape
-      const int64_t back = out.size(d) - 1;
-      if (++index[d] <= back) {
-        it += t.stride(d);
-        iw += base.stride(d);
-        io += out.stride(d);
-        if (pf) iff += frozen.stride(d);
-        break;
-      }
-      it -= back * t.stride(d);
-      iw -= back * base.stride(d);
-      io -= back * out.stride(d);
-      if (pf) iff -= back * frozen.stride(d);
-      index[d] = 0;
-    }
+  if (frozen.defined()) {
+    const T* pf = frozen.const_data_ptr<T>();
+    for_each_row<4>(out.sizes(), {out.strides(), base.strides(), t.strides(), frozen.strides()},
+                    [&](const std::array<int64_t, 4>& o, int64_t n,
+                        const std::array<int64_t, 4>& st) {
+                      for (int64_t e = 0; e < n; ++e)
+                        po[o[0] + e * st[0]] =
+                            pw[o[1] + e * st[1]] + (pt[o[2] + e * st[2]] - pf[o[3] + e * st[3]]);
+                    });
+  } else {
+    for_each_row<3>(out.sizes(), {out.strides(), base.strides(), t.strides()},
+                    [&](const std::array<int64_t, 3>& o, int64_t n,
+                        const std::array<int64_t, 3>& st) {
+                      for (int64_t e = 0; e < n; ++e)
+                        po[o[0] + e * st[0]] = pw[o[1] + e * st[1]] + pt[o[2] + e * st[2]];
+                    });
   }
 }
 

@@ -99,7 +99,16 @@ class Program:
         return math.prod(self._size_of[l] for l in self.layouts[tensor])
 
     def shape(self, tensor: int) -> tuple[int, ...]:
-        return tuple(self._size_of[l] for l in self.layouts[tensor])
+        return self._shapes[tensor]
+
+    @cached_property
+    def _shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(self._size_of[l] for l in layout) for layout in self.layouts)
+
+    @cached_property
+    def core_grad_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shape of every (pre-reduced) core's gradient, in the core's layout."""
+        return tuple(self.shape(t) for t in self.core_grads)
 
     @cached_property
     def packed(self) -> frozenset[int]:
@@ -570,10 +579,12 @@ def _run(code, places: dict, sources: dict | None = None) -> None:
 _SCRATCH: dict = {}
 
 
-def _scratch_layout(prog: Program, code, taken) -> tuple[tuple[tuple[int, int], ...], int]:
-    """(tensor, offset) of every result of ``code`` not in ``taken``, in one buffer; cached."""
+def _scratch_layout(prog: Program, code, places) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(tensor, offset) of every result of ``code`` not already placed (in ``places``) or
+    fixed, in one buffer; cached (the placed ids are the same on every call)."""
     key = (id(prog), id(code))
     if key not in _SCRATCH:
+        taken = frozenset(places) | prog.fixed_outputs
         out, total = [], 0
         for op in code:
             for t in _outputs(op):
@@ -590,7 +601,7 @@ def _places(prog: Program, cores, saved, code) -> tuple[dict, dict]:
     places = {i: originals[i] for i in range(prog.n_cores) if i not in prog.packed}
     for t, o in zip(prog.saved, prog.offsets):
         places[t] = (saved, o)
-    layout, total = _scratch_layout(prog, code, frozenset(places) | prog.fixed_outputs)
+    layout, total = _scratch_layout(prog, code, places)
     if total:
         buffer = saved.new_empty(total)
         for t, o in layout:
@@ -627,7 +638,7 @@ def run_backward(prog: Program, cores, saved: torch.Tensor, grad_t: torch.Tensor
     if places is None:
         places = operands(prog, cores, saved)[2]
     places[prog.grad_t] = (grad_t.contiguous(), 0)
-    out = [saved.new_empty(prog.shape(t)) for t in prog.core_grads]
+    out = [saved.new_empty(shape) for shape in prog.core_grad_shapes]
     for t, g in zip(prog.core_grads, out):
         places[t] = (g, 0)
     _run(prog.backward, places)

@@ -96,7 +96,7 @@ class Program:
         return dict(self.sizes)
 
     def numel(self, tensor: int) -> int:
-        return math.prod(self._size_of[l] for l in self.layouts[tensor])
+        return math.prod(self._shapes[tensor])
 
     def shape(self, tensor: int) -> tuple[int, ...]:
         return self._shapes[tensor]

@@ -119,7 +119,7 @@ setup(
     packages=PACKAGES,
     package_dir={"tenvoo_fast": "tenvoo_fast", "tenvoo_fast.triton_kernels": "triton_kernels"},
     # The adapter library: `import tenvoo_fast` needs only these (numpy: adapter files'
-    # base fingerprint).
+    # base fingerprint, the contraction programs' gather indices).
     install_requires=[
         "torch>=2.4",
         "numpy",

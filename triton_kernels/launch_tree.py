@@ -218,6 +218,8 @@ def _encode(equation, shapes) -> Fused:
     for cost, prog in candidates(p.equation, p.shapes, FLOP_SLACK):
         if prog.gemm[1] * prog.gemm[2] == 1:     # a pure Hadamard product: see above
             continue
+        if prog.layouts[prog.grad_t] != prog.gemm_order:   # its grads kernel reads dL/dW itself
+            continue
         fused = _encode_program(equation, shapes, p, prog)
         key = (len(fused.forward_launches) + len(fused.backward_launches), cost)
         if best is None or key < best[0]:

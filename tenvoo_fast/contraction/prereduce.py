@@ -20,11 +20,13 @@ from .reference import contraction_dtype
 
 @dataclass(frozen=True)
 class Plan:
-    """Per core: axes to sum, then axes (of size 1) to squeeze; and the reduced equation."""
+    """Per core: axes to sum, then axes (of size 1) to squeeze; the reduced equation and
+    shapes; the stored cores' shapes."""
     sum_axes: tuple[tuple[int, ...], ...]
     squeeze_axes: tuple[tuple[int, ...], ...]
     equation: str
     shapes: tuple[tuple[int, ...], ...]
+    stored_shapes: tuple[tuple[int, ...], ...]
 
 
 @lru_cache(maxsize=None)
@@ -56,7 +58,7 @@ def plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Plan:
                 changed = True
     equation2 = ",".join("".join(t) for t in terms) + "->" + out
     return Plan(tuple(tuple(sorted(s)) for s in sums), tuple(tuple(sorted(s)) for s in squeezes),
-                equation2, tuple(tuple(d) for d in dims))
+                equation2, tuple(tuple(d) for d in dims), shapes)
 
 
 def reduce_cores(p: Plan, cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Optional
 
+import numpy as np
 import opt_einsum
 import torch
 
@@ -68,7 +69,7 @@ class Program:
     ``forward``: instructions up to the last step; ``left``/``right``: the last step's
     operands as ``(B, M, K)`` / ``(B, K, N)`` reads; ``gemm_order``: the letters of the last
     step's ``(B, M, N)`` result, whose permutation ``to_weight`` gives the weight's letters;
-    ``grad_t``: the id dL/dT is given as (layout ``gemm_order``); ``recompute``: forward
+    ``grad_t``: the id dL/dT is given as (laid out as the weight); ``recompute``: forward
     instructions the backward re-runs (what was too large to keep); ``backward``: instructions
     from dL/dT to ``core_grads`` (one id per core, in the core's layout).
     """
@@ -109,6 +110,12 @@ class Program:
     def core_grad_shapes(self) -> tuple[tuple[int, ...], ...]:
         """The shape of every (pre-reduced) core's gradient, in the core's layout."""
         return tuple(self.shape(t) for t in self.core_grads)
+
+    @property
+    def grad_as_weight(self) -> bool:
+        """dL/dT is read as the weight lies (else permuted into the GEMM's order first)."""
+        return self.layouts[self.grad_t] != self.gemm_order or self.to_weight == tuple(
+            range(len(self.to_weight)))
 
     @cached_property
     def packed(self) -> frozenset[int]:
@@ -313,7 +320,7 @@ class _Builder:
 
 @lru_cache(maxsize=None)
 def compile_program(equation: str, shapes: tuple[tuple[int, ...], ...],
-                    steps: tuple[Step, ...]) -> Program:
+                    steps: tuple[Step, ...], grad_as_weight: bool = False) -> Program:
     """The :class:`Program` of ``steps`` (a pairwise tree of ``equation`` over cores of
     ``shapes``, whose last step makes the weight)."""
     terms = equation.split("->")[0].split(",")
@@ -368,7 +375,8 @@ def compile_program(equation: str, shapes: tuple[tuple[int, ...], ...],
     # Backward: dT -> the last step's operands -> the reverse sweep -> every core.
     bw = _Builder(fw.layouts, sizes, free=set())
     bw.copied = dict(fw.copied)
-    grad_t = bw.new(gemm_order)
+    # dL/dT as the weight lies (read in place), or permuted into the GEMM's order first.
+    grad_t = bw.new(last.out_idx if grad_as_weight else gemm_order)
     core_grads = [bw.new(terms[i]) for i in range(n)]
     grads: dict[int, int] = {}           # tree node id -> program tensor of its gradient
     unpack = []
@@ -511,7 +519,8 @@ def candidates(equation: str, shapes: tuple[tuple[int, ...], ...],
         steps = tree_steps(equation, path)
         found[steps] = int(info.opt_cost)
     cheapest = min(found.values())
-    return tuple((cost, compile_program(equation, shapes, s)) for s, cost in found.items()
+    return tuple((cost, compile_program(equation, shapes, s, as_weight))
+                 for s, cost in found.items() for as_weight in (False, True)
                  if cost <= slack * cheapest)
 
 
@@ -524,7 +533,11 @@ def program_for(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Program:
 
 
 def _calls(p: Program) -> int:
-    return len(p.forward) + len(p.backward)
+    """Operator calls of a program's forward and backward, the permuting pass of dL/dW into
+    the GEMM's order (:func:`~tenvoo_fast.kernels.torch_last_step.grad_gemm`) included."""
+    return len(p.forward) + len(p.backward) + int(not p.grad_as_weight)
+
+
 
 
 # -- running a program in torch ------------------------------------------------------------------
@@ -559,54 +572,236 @@ def _pair(r: Relayout, places: dict, sources: dict | None):
             _view((sources if packing else places)[r.src], ssize, sstride))
 
 
+def _loops(places: dict) -> bool:
+    """Whether this call runs on the C++ runner's CPU loops (else as ATen calls, as on a GPU)."""
+    if not (native_runner.available() and native_runner.LOOPS) or native_runner.watched():
+        return False
+    buf = next(iter(places.values()))[0]
+    return buf.is_cpu
+
+
 def _run(code, places: dict, sources: dict | None = None) -> None:
-    if native_runner.available():           # the same calls, issued from C++
+    """Run ``code``; a group of relayouts is one gather (``index_select``) per source buffer
+    except on the CPU loops (where it is a loop per relayout)."""
+    if _loops(places):
         native_runner.run(code, places, sources, _relayout_views_of)
         return
-    for op in code:
-        if isinstance(op, tuple):               # a group of relayouts: one call
-            pairs = [_pair(r, places, sources) for r in op]
-            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
-        elif isinstance(op, Relayout):
-            dst, src = _pair(op, places, sources)
-            dst.copy_(src)
+    for segment in _segments(code):
+        if isinstance(segment, _Group):
+            _gather(segment.ops, places, sources)
+        elif native_runner.available():       # the same calls, issued from C++
+            native_runner.run(segment, places, None, _relayout_views_of)
         else:
-            torch.bmm(_view(places[op.a.tensor], op.a.size, op.a.stride),
-                      _view(places[op.b.tensor], op.b.size, op.b.stride),
-                      out=_view(places[op.out.tensor], op.out.size, op.out.stride))
+            for op in segment:
+                if isinstance(op, Relayout):
+                    dst, src = _pair(op, places, None)
+                    dst.copy_(src)
+                else:
+                    torch.bmm(_view(places[op.a.tensor], op.a.size, op.a.stride),
+                              _view(places[op.b.tensor], op.b.size, op.b.stride),
+                              out=_view(places[op.out.tensor], op.out.size, op.out.stride))
+
+
+@dataclass(frozen=True)
+class _Group:
+    ops: tuple
+
+
+_SEGMENTS: dict = {}
+
+
+def _segments(code) -> tuple:
+    """``code`` split into runs of single instructions and :class:`_Group`s (cached; the
+    runs are kept objects, so the C++ runner's table cache finds them again)."""
+    entry = _SEGMENTS.get(id(code))
+    if entry is None or entry[0] is not code:
+        out, run = [], []
+        for op in code:
+            if isinstance(op, tuple):
+                if run:
+                    out.append(tuple(run))
+                    run = []
+                out.append(_Group(op))
+            else:
+                run.append(op)
+        if run:
+            out.append(tuple(run))
+        entry = _SEGMENTS[id(code)] = (code, tuple(out))
+    return entry[1]
+
+
+# Gather indices are made with NumPy (once per program and device): no operator call that
+# a launch counter would see.
+@lru_cache(maxsize=None)
+def _relayout_index(r: Relayout) -> np.ndarray:
+    """Where each element of ``r``'s destination (contiguous, in order) lies in its source."""
+    n = math.prod(r.shape)
+    return np.arange(n, dtype=np.int64).reshape(r.shape).transpose(r.perm).reshape(-1)
+
+
+_INDEX: dict = {}
+
+
+def _index(key, parts, device) -> torch.Tensor:
+    """One int64 index on ``device`` from ``parts`` ((index array, offset) pairs); cached."""
+    idx = _INDEX.get(key)
+    if idx is None:
+        idx = _INDEX[key] = torch.from_numpy(np.concatenate([i + o for i, o in parts])).to(device)
+    return idx
+
+
+def _gather(group: tuple, places: dict, sources: dict | None) -> None:
+    """A group of relayouts as one ``index_select`` per source buffer whose destinations lie
+    back to back in one buffer (else a copy each: CUDA's ``_foreach_copy_`` would run one
+    kernel per relayout of differing strides, too). Packing reads the caller's cores: they
+    are concatenated first (one call)."""
+    packing = sources is not None and all(r.src == r.dst for r in group)
+    if packing:
+        flat = torch.cat([sources[r.src][0].reshape(-1) for r in group])
+        src_at, offset = {}, 0
+        for r in group:
+            src_at[r.src] = (flat, offset)
+            offset += math.prod(r.shape)
+    else:
+        src_at = places
+    by_source: dict = {}
+    for r in group:
+        by_source.setdefault(id(src_at[r.src][0]), []).append(r)
+    for rs in by_source.values():
+        buf, _ = src_at[rs[0].src]
+        dst_buf, start = places[rs[0].dst]
+        end, back_to_back = start, True
+        for r in rs:
+            b, o = places[r.dst]
+            back_to_back &= b is dst_buf and o == end
+            end = o + math.prod(r.shape)
+        if not (back_to_back and buf.dim() == 1 and dst_buf.dim() == 1) or (
+                buf is dst_buf and len(rs) < 3):
+            for r in rs:
+                dst, src = _pair(r, places, sources if packing else None)
+                dst.copy_(src)
+            continue
+        key = (tuple(rs), tuple(src_at[r.src][1] for r in rs), buf.device)
+        idx = _index(key, [(_relayout_index(r), src_at[r.src][1]) for r in rs], buf.device)
+        if buf is not dst_buf:
+            torch.index_select(buf, 0, idx, out=dst_buf[start:end])
+        else:                       # within one buffer: gather, then one copy back
+            dst_buf[start:end].copy_(torch.index_select(buf, 0, idx))
+
+
+@dataclass(frozen=True)
+class _TorchLayout:
+    """Where the torch runner keeps a program's tensors between forward and backward.
+
+    Where the program packs two or more cores into other layouts, every (pre-reduced) core is
+    packed, back to back at the start of the kept buffer, by one gather (then the backward's
+    relayouts of cores and kept results read one buffer: one gather too); else the cores are
+    read where they lie. The cores' gradients are written straight into one flat output where
+    each is made in its stored layout, else all are gathered into it at the end (relayouts
+    and the pre-reduction's broadcasts in one call)."""
+    pack: tuple                 # code packing the cores (run with the caller's cores)
+    forward: tuple              # the forward's code after the packing
+    offsets: dict               # kept tensor id -> offset in the kept buffer
+    numel: int
+    backward: tuple             # recompute + backward (less the final unpack if gathered)
+    run_backward: tuple         # the same without the recompute
+    unpack: dict                # core grad id -> (source id, Relayout or None: in place)
+    unpacks: bool               # the program relayouts some core gradient at the end
+
+
+def torch_layout(prog: Program) -> _TorchLayout:
+    """The program's :class:`_TorchLayout` (made once, kept on the program)."""
+    lay = prog.__dict__.get("_torch_layout")
+    if lay is None:
+        lay = prog.__dict__["_torch_layout"] = _torch_layout(prog)
+    return lay
+
+
+def _torch_layout(prog: Program) -> _TorchLayout:
+    packs = {r.dst: r for op in prog.forward if isinstance(op, tuple) for r in op
+             if r.src == r.dst}
+    starts_with_pack = bool(prog.forward) and isinstance(prog.forward[0], tuple) and all(
+        r.src == r.dst for r in prog.forward[0])
+    offsets, total = {}, 0
+    if len(packs) >= 2:
+        pack = []
+        for i in range(prog.n_cores):
+            r = packs.get(i) or Relayout(i, i, prog.shape(i), tuple(range(len(prog.shape(i)))))
+            pack.append(r)
+            offsets[i] = total
+            total += prog.numel(i)
+        pack_code = (tuple(pack),)
+        forward = prog.forward[1:] if starts_with_pack else prog.forward
+    else:
+        pack_code, forward = (), prog.forward
+    for t in prog.saved:
+        if t not in offsets:
+            offsets[t] = total
+            total += prog.numel(t)
+    grads = set(prog.core_grads)
+    unpack = {t: (t, None) for t in prog.core_grads}
+    backward, unpacks = prog.backward, False
+    if backward and isinstance(backward[-1], tuple) and all(r.dst in grads
+                                                            for r in backward[-1]):
+        for r in backward[-1]:
+            unpack[r.dst] = (r.src, r)
+        unpacks = True
+    return _TorchLayout(pack_code, forward, offsets, total, prog.recompute + backward,
+                        backward, unpack, unpacks)
+
+
+def keeps_cores(prog: Program) -> bool:
+    """Whether the forward keeps every (pre-reduced) core in its kept buffer (the backward
+    then needs no core of the caller's)."""
+    return bool(torch_layout(prog).pack)
+
+
+def kept_numel(prog: Program) -> int:
+    """Elements of the buffer the torch runner keeps from forward for backward."""
+    return torch_layout(prog).numel
 
 
 _SCRATCH: dict = {}
 
 
 def _scratch_layout(prog: Program, code, places) -> tuple[tuple[tuple[int, int], ...], int]:
-    """(tensor, offset) of every result of ``code`` not already placed (in ``places``) or
-    fixed, in one buffer; cached (the placed ids are the same on every call)."""
+    """(tensor, offset) of every result of ``code`` not already placed (in ``places``), in one
+    buffer; cached (the placed ids are the same on every call with this code)."""
     key = (id(prog), id(code))
-    if key not in _SCRATCH:
-        taken = frozenset(places) | prog.fixed_outputs
+    entry = _SCRATCH.get(key)
+    if entry is None or entry[0] is not code:
+        taken = frozenset(places)
         out, total = [], 0
         for op in code:
             for t in _outputs(op):
                 if t not in taken and all(t != o for o, _ in out):
                     out.append((t, total))
                     total += prog.numel(t)
-        _SCRATCH[key] = (tuple(out), total)
-    return _SCRATCH[key]
+        entry = _SCRATCH[key] = (code, tuple(out), total)
+    return entry[1], entry[2]
 
 
-def _places(prog: Program, cores, saved, code) -> tuple[dict, dict]:
-    """Places of the cores, the saved results and (in one fresh buffer) ``code``'s others."""
-    originals = {i: (c if c.is_contiguous() else c.contiguous(), 0) for i, c in enumerate(cores)}
-    places = {i: originals[i] for i in range(prog.n_cores) if i not in prog.packed}
-    for t, o in zip(prog.saved, prog.offsets):
-        places[t] = (saved, o)
+def _originals(cores) -> dict:
+    """The caller's cores as places (none: the forward kept them all)."""
+    if cores is None:
+        return {}
+    return {i: (c if c.is_contiguous() else c.contiguous(), 0) for i, c in enumerate(cores)}
+
+
+def _places(prog: Program, kept, originals: dict, code, fixed: dict | None = None) -> dict:
+    """Places of the cores (in ``kept`` where packed, else the caller's ``originals``), the
+    kept results, ``fixed`` (id -> place) and, in one fresh buffer, ``code``'s others."""
+    places = dict(originals)
+    for t, o in torch_layout(prog).offsets.items():
+        places[t] = (kept, o)
+    if fixed:
+        places.update(fixed)
     layout, total = _scratch_layout(prog, code, places)
     if total:
-        buffer = saved.new_empty(total)
+        buffer = kept.new_empty(total)
         for t, o in layout:
             places[t] = (buffer, o)
-    return places, originals
+    return places
 
 
 def _operands(prog: Program, places: dict):
@@ -615,31 +810,97 @@ def _operands(prog: Program, places: dict):
 
 
 def run_forward(prog: Program, cores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(saved, left, right): what the backward needs in one flat buffer, and the last step's
-    operands as ``(B, M, K)`` / ``(B, K, N)`` strided views."""
-    saved = cores[0].new_empty(prog.saved_numel)
-    places, originals = _places(prog, cores, saved, prog.forward)
-    _run(prog.forward, places, sources=originals)
-    return (saved, *_operands(prog, places))
+    """(kept, left, right): what the backward needs (packed cores, kept results) in one flat
+    buffer, and the last step's operands as ``(B, M, K)`` / ``(B, K, N)`` strided views."""
+    lay = torch_layout(prog)
+    kept = cores[0].new_empty(lay.numel)
+    originals = _originals(cores)
+    places = _places(prog, kept, originals, lay.forward)
+    if lay.pack:
+        _run(lay.pack, places, sources=originals)
+    _run(lay.forward, places, sources=originals)
+    return (kept, *_operands(prog, places))
 
 
-def operands(prog: Program, cores, saved: torch.Tensor):
-    """(left, right, places): the last step's operands from a forward's ``saved`` buffer
-    (re-running the forward instructions it did not keep), and where every tensor lies."""
-    places, _ = _places(prog, cores, saved, prog.recompute + prog.backward)
+@dataclass
+class BackwardState:
+    """Where a backward's tensors lie (:func:`operands`), for :func:`run_backward`."""
+    places: dict
+    code: tuple                 # the backward instructions to run
+    flat: Optional[torch.Tensor]  # the cores' gradients, written in place (else gathered)
+
+
+def operands(prog: Program, cores, kept: torch.Tensor, plan):
+    """(left, right, state): the last step's operands from a forward's ``kept`` buffer
+    (re-running the forward instructions it did not keep), and where every tensor of the
+    backward lies (the cores' gradients in one flat output when each is made in its stored
+    layout)."""
+    lay = torch_layout(prog)
+    direct = not lay.unpacks and not any(plan.sum_axes)     # (squeezed axes have size 1)
+    fixed, flat = {prog.grad_t: (kept, 0)}, None     # dL/dT: the caller's, given later
+    if direct:
+        flat = kept.new_empty(sum(prog.numel(t) for t in prog.core_grads))
+        at = 0
+        for t in prog.core_grads:
+            fixed[t] = (flat, at)
+            at += prog.numel(t)
+    full, run = _backward_code(lay, direct)
+    places = _places(prog, kept, _originals(cores), full, fixed)
     _run(prog.recompute, places)
-    return (*_operands(prog, places), places)
+    return (*_operands(prog, places), BackwardState(places, run, flat))
 
 
-def run_backward(prog: Program, cores, saved: torch.Tensor, grad_t: torch.Tensor,
-                 places: dict | None = None) -> list[torch.Tensor]:
-    """Every (pre-reduced) core's gradient, in the core's layout, from dL/dT given as the
-    last step's ``(B, M, N)`` result (contiguous); ``places``: from :func:`operands`."""
-    if places is None:
-        places = operands(prog, cores, saved)[2]
+_CODE: dict = {}
+
+
+def _backward_code(lay: _TorchLayout, direct: bool) -> tuple[tuple, tuple]:
+    """(recompute + backward, backward): all of it when the cores' gradients are written in
+    place, else without the final unpack (the gather does it); kept objects (caches key on
+    them)."""
+    key = (id(lay), direct)
+    entry = _CODE.get(key)
+    if entry is None or entry[0] is not lay:
+        full, run = lay.backward, lay.run_backward
+        if lay.unpacks and not direct:
+            full, run = full[:-1], run[:-1]
+        entry = _CODE[key] = (lay, full, run)
+    return entry[1], entry[2]
+
+
+def run_backward(prog: Program, cores, kept: torch.Tensor, grad_t: torch.Tensor, plan,
+                 state: BackwardState | None = None) -> torch.Tensor:
+    """Every stored core's gradient, back to back in one flat tensor (each in the stored
+    core's shape, contraction dtype), from dL/dT (laid out as the weight); ``plan``: the pre-reduction (its summed axes broadcast back by the final gather);
+    ``state``: from :func:`operands`."""
+    if state is None:
+        state = operands(prog, cores, kept, plan)[2]
+    places = state.places
     places[prog.grad_t] = (grad_t.contiguous(), 0)
-    out = [saved.new_empty(shape) for shape in prog.core_grad_shapes]
-    for t, g in zip(prog.core_grads, out):
-        places[t] = (g, 0)
-    _run(prog.backward, places)
-    return out
+    _run(state.code, places)
+    if state.flat is not None:
+        return state.flat
+    lay = torch_layout(prog)
+    buf = places[lay.unpack[prog.core_grads[0]][0]][0]
+    key = ("grads", id(prog), plan, buf.device)
+    idx = _INDEX.get(key)
+    if idx is None:
+        parts = []
+        for i, t in enumerate(prog.core_grads):
+            src, r = lay.unpack[t]
+            b, o = places[src]
+            if b is not buf:
+                raise AssertionError("core gradients outside the backward's buffer")
+            local = (_relayout_index(r) if r is not None
+                     else np.arange(prog.numel(t), dtype=np.int64))
+            parts.append((_broadcast_back(plan, i, local.reshape(prog.shape(t))), o))
+        idx = _index(key, parts, buf.device)
+    return torch.index_select(buf, 0, idx)
+
+
+def _broadcast_back(plan, i: int, local: torch.Tensor) -> torch.Tensor:
+    """A reduced core's element index, broadcast to the stored core's shape (the axes the
+    pre-reduction summed or squeezed), flat."""
+    axes = sorted(set(plan.sum_axes[i]) | set(plan.squeeze_axes[i]))
+    for a in axes:
+        local = np.expand_dims(local, a)
+    return np.broadcast_to(local, plan.stored_shapes[i]).reshape(-1)

@@ -178,15 +178,16 @@ def build_weight(prog, left, right, weight_shape, scale: float, base=None, froze
 
 
 def grad_gemm(prog, grad_weight, scale: float, dtype) -> torch.Tensor:
-    """``scale * dL/dW`` in the last step's ``(B, M, N)`` order and the contraction dtype: one
-    pass that permutes and casts (none when it is already so)."""
+    """``scale * dL/dW`` as the program reads it (its ``grad_t``), in the contraction dtype:
+    as the weight lies, or permuted into the last step's ``(B, M, N)`` order in one pass that
+    also casts (the program chose whichever costs fewer calls)."""
+    if prog.grad_as_weight:
+        g = grad_weight if grad_weight.dtype == dtype else grad_weight.to(dtype)
+        if scale != 1.0:
+            return g * scale
+        return g if g.is_contiguous() else g.contiguous()
     gemm, letters = _weight_letters(prog)
-    B, M, N, _ = prog.gemm
-    identity = list(prog.to_weight) == sorted(prog.to_weight)
-    if identity and grad_weight.dtype == dtype and grad_weight.is_contiguous():
-        g = grad_weight.view(B, M, N)
-        return g * scale if scale != 1.0 else g
-    g = grad_weight.new_empty((B, M, N), dtype=dtype)
+    g = grad_weight.new_empty(prog.gemm[:3], dtype=dtype)
     g.view(gemm).permute(prog.to_weight).copy_(grad_weight.reshape(letters))
     if scale != 1.0:
         g.mul_(scale)

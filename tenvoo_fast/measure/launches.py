@@ -77,13 +77,25 @@ def classify(func) -> str:
     if name in _SYNCING or torch.Tag.data_dependent_output in tags \
             or torch.Tag.dynamic_output_shape in tags:
         return "sync"
-    if func.is_view or name in ("_unsafe_view", "alias", "detach", "lift_fresh"):
+    if func.is_view or name in ("_unsafe_view", "alias", "detach", "detach_", "lift_fresh"):
         return "view"
     if name in _ALLOCATING:
         return "alloc"
     if name in _COPYING:
         return "copy"
     return "launch"
+
+
+def _kernels(func, args) -> int:
+    """Kernels one call starts: one, except ``_foreach_copy_`` between tensors of different
+    strides, which CUDA runs as one copy per pair (its fused route needs equal sizes, strides
+    and dtypes)."""
+    if func._schema.name != "aten::_foreach_copy_" or len(args) < 2:
+        return 1
+    dst, src = args[0], args[1]
+    fused = all(d.shape == s.shape and d.stride() == s.stride() and s.dtype == src[0].dtype
+                for d, s in zip(dst, src))
+    return 1 if fused else len(dst)
 
 
 def _fresh_outputs(func, out) -> int:
@@ -232,10 +244,11 @@ class LaunchCounter(TorchDispatchMode):
                 return
         if kind == "alloc":
             return
-        c.launches += 1
-        self.by_op[self.scope][func._schema.name.split("::")[-1]] += 1
+        n = _kernels(func, args)
+        c.launches += n
+        self.by_op[self.scope][func._schema.name.split("::")[-1]] += n
         if kind == "copy":
-            c.copies += 1
+            c.copies += n
 
     # -- results --------------------------------------------------------------------------
     def total(self, scopes: Iterable[str] | None = None) -> Counts:

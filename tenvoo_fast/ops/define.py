@@ -9,6 +9,7 @@ more host time than the adapter's own work at small sizes; ``torch.compile`` see
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
@@ -23,10 +24,32 @@ def custom_op(name: str, **kwargs):
     """``torch.library.custom_op(name, **kwargs)`` that also records the body in :data:`BODIES`."""
     def define(fn):
         BODIES[name] = fn
-        op = torch.library.custom_op(name, **kwargs)(fn)
+        schema = torch.library.infer_schema(fn, mutates_args=kwargs["mutates_args"])
+
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            return _unaliased(fn(*args, **kw))
+        op = torch.library.custom_op(name, schema=schema, **kwargs)(run)
         BODY_OF[op] = fn
         return op
     return define
+
+
+def _unaliased(out):
+    """A body's list of outputs with those that share storage with an earlier one cloned: a
+    custom op's outputs may not alias each other, while the eager path (the body called
+    directly) keeps the views (the cores' gradients, one buffer)."""
+    if not isinstance(out, list):
+        return out
+    seen, fixed = set(), []
+    for t in out:
+        if isinstance(t, torch.Tensor) and t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(ptr)
+        fixed.append(t)
+    return fixed
 
 
 def exact_math(device_type: str):

@@ -66,7 +66,7 @@ def saved_numel(cores: list[Tensor], equation: str, impl: str) -> int:
     if impl != "torch":
         return 0
     p = plan(equation, _shapes(cores))
-    return program.program_for(p.equation, p.shapes).saved_numel
+    return program.kept_numel(program.program_for(p.equation, p.shapes))
 
 
 def _contract(cores: list[Tensor], equation: str, weight_shape: list[int], scale: float,
@@ -113,13 +113,27 @@ def weight_grad_to_cores(grad_weight: Tensor, cores: list[Tensor], equation: str
             return tree.core_grads(fused, tree.forward(fused, cores), cores, grad_weight, scale)
         if impl == "torch":
             p, reduced, prog = _compiled(cores, equation)
-            saved, _, _ = program.run_forward(prog, reduced)
+            kept, _, _ = program.run_forward(prog, reduced)
             g = kernels.last_step("torch").grad_gemm(prog, grad_weight, scale, reduced[0].dtype)
-            return stored_grads(p, program.run_backward(prog, reduced, saved, g), cores)
+            return split_grads(program.run_backward(prog, reduced, kept, g, p), cores)
         p, dtype, reduced = reduced_cores(cores, equation)
         steps, nodes = sweep.forward_tree(p.equation, reduced)
         grads = _reverse(steps, nodes, reduced, grad_weight, scale, impl)
         return stored_grads(p, grads, cores)
+
+
+def split_grads(flat: Tensor, cores: list[Tensor]) -> list[Tensor]:
+    """The cores' gradients as views of ``flat`` (back to back, in the cores' dtype: one cast
+    when it differs); the eager autograd takes views as they are, a custom op's return is
+    unaliased by :func:`~tenvoo_fast.ops.define.custom_op`."""
+    if all(c.dtype == cores[0].dtype for c in cores) and flat.dtype != cores[0].dtype:
+        flat = flat.to(cores[0].dtype)
+    out, at = [], 0
+    for c in cores:
+        n = c.numel()
+        out.append(flat[at:at + n].view(c.shape).to(c.dtype))
+        at += n
+    return out
 
 
 def _reverse(steps, nodes, reduced, grad_weight, scale, impl):
@@ -228,8 +242,12 @@ def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, 
                                           frozen[0] if frozen else None, x.dtype)
                  if need_x else None)
         elif impl == "torch":
-            p, reduced, prog = _compiled(cores, equation)
-            left, right, places = program.operands(prog, reduced, saved)
+            p = plan(equation, _shapes(cores))
+            prog = program.program_for(p.equation, p.shapes)
+            # The forward packed the pre-reduced cores into ``saved`` (all, or none of them).
+            reduced = (None if program.keeps_cores(prog) else
+                       reduced_cores(cores, equation)[2])
+            left, right, state = program.operands(prog, reduced, saved, p)
             w = (kernels.last_step("torch").build_weight(prog, left, right, shape, scale, base,
                                                       frozen[0] if frozen else None, x.dtype)
                  if need_x else None)
@@ -252,13 +270,12 @@ def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, 
             gb = g2.sum(0) if need_bias else None
         if fused is not None:
             core_grads = kernels.tree(impl).core_grads(fused, saved, cores, gw, scale)
+        elif impl == "torch":
+            gt = kernels.last_step("torch").grad_gemm(prog, gw, scale, contraction_dtype(cores))
+            core_grads = split_grads(program.run_backward(prog, reduced, saved, gt, p, state),
+                                     cores)
         else:
-            if impl == "torch":
-                gt = kernels.last_step("torch").grad_gemm(prog, gw, scale, reduced[0].dtype)
-                grads = program.run_backward(prog, reduced, saved, gt, places)
-            else:
-                grads = _reverse(steps, nodes, reduced, gw, scale, impl)
-            core_grads = stored_grads(p, grads, cores)
+            core_grads = stored_grads(p, _reverse(steps, nodes, reduced, gw, scale, impl), cores)
         # Separate empties: a custom op's outputs may not alias each other.
         return [gx.contiguous() if gx is not None else x.new_empty(0),
                 gb.to(bias.dtype) if gb is not None else x.new_empty(0)] + core_grads

@@ -7,6 +7,7 @@ from torch import nn
 from tenvoo_fast import (LoHaConv3d, LoKrConv3d, LoRAConv3d, QuanTALinear, TenVOOConv3d)
 from tenvoo_fast.contraction import native_runner, program as P
 from tenvoo_fast.contraction.prereduce import plan, reduce_cores
+from tenvoo_fast.kernels.torch_last_step import grad_gemm
 from tenvoo_fast.measure.launches import LaunchCounter
 from tests.ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
 
@@ -35,21 +36,41 @@ def _network(name, cin, cout, k, r):
     return p, reduce_cores(p, cores)
 
 
+def _backward(prog, cores, saved, g, p):
+    """The stored cores' gradients, from the program's one flat result."""
+    flat = P.run_backward(prog, cores, saved, g, p)
+    out, at = [], 0
+    for shape in p.stored_shapes:
+        n = torch.Size(shape).numel()
+        out.append(flat[at:at + n].view(shape))
+        at += n
+    assert at == flat.numel()
+    return out
+
+
 def _check(p, reduced):
+    """The weight and the *stored* cores' gradients (the pre-reduction's sums broadcast back
+    by the program's final gather) against fp64 einsum, and autograd through the sums."""
     prog = P.program_for(p.equation, p.shapes)
-    saved, left, right = P.run_forward(prog, reduced)
+    if any(p.sum_axes) or any(p.squeeze_axes):     # stored cores of their own shapes
+        g = torch.Generator().manual_seed(2)
+        stored = [torch.randn(s, dtype=reduced[0].dtype, generator=g) for s in p.stored_shapes]
+    else:
+        stored = reduced
+    stored = [c.detach().clone().requires_grad_() for c in stored]
+    oracle = torch.einsum(p.equation, *reduce_cores(p, stored))
+    saved, left, right = P.run_forward(prog, reduce_cores(p, [c.detach() for c in stored]))
     t = torch.bmm(left, right)
     sizes = dict(prog.sizes)
     weight = t.reshape([sizes[x] for x in prog.gemm_order]).permute(prog.to_weight)
-    leaves = [c.clone().requires_grad_() for c in reduced]
-    oracle = torch.einsum(p.equation, *leaves)
     # fp64, different summation orders: bounded relative to the largest entry.
-    torch.testing.assert_close(weight, oracle, rtol=0, atol=1e-12 * oracle.abs().max().item())
+    torch.testing.assert_close(weight, oracle.detach(), rtol=0,
+                               atol=1e-12 * oracle.abs().max().item())
     g = torch.randn_like(oracle)
     (oracle * g).sum().backward()
-    out_idx = p.equation.split("->")[1]
-    g_gemm = g.permute([out_idx.index(x) for x in prog.gemm_order]).reshape(t.shape)
-    for mine, leaf in zip(P.run_backward(prog, reduced, saved, g_gemm), leaves):
+    g_gemm = grad_gemm(prog, g, 1.0, g.dtype)      # as the program reads it
+    reduced = reduce_cores(p, [c.detach() for c in stored])
+    for mine, leaf in zip(_backward(prog, reduced, saved, g_gemm, p), stored):
         torch.testing.assert_close(mine, leaf.grad, rtol=0,
                                    atol=1e-12 * leaf.grad.abs().max().item())
     return prog
@@ -86,7 +107,7 @@ def _run_both_ways(p, reduced, native: bool, monkeypatch):
     with counter:
         saved, left, right = P.run_forward(prog, reduced)
         g = torch.randn(prog.gemm[:3], dtype=left.dtype, generator=torch.Generator().manual_seed(1))
-        grads = P.run_backward(prog, reduced, saved, g)
+        grads = _backward(prog, reduced, saved, g, p)
     return [saved, left, right, *grads], counter.total()
 
 
@@ -127,7 +148,7 @@ def _run_plain(p, reduced, watch=None):
                     generator=torch.Generator().manual_seed(1))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         saved, left, right = P.run_forward(prog, reduced)
-        grads = P.run_backward(prog, reduced, saved, g)
+        grads = _backward(prog, reduced, saved, g, p)
     if watch is not None:
         watch.update(e.name for e in prof.events())
     return [saved, left, right, *grads]

@@ -13,7 +13,7 @@ from tests.ddpm_shapes import DDPM_CONV_SHAPES, DDPM_LINEAR_SHAPES
 from tests.layer_checks import CONV_MAKERS, LINEAR_MAKERS
 
 #: method -> (extra launches, extra copies) of an adapted Conv3d's step on the torch backend.
-CONV_BUDGETS = {"tenvoo-l": (43, 11), "tenvoo-q": (57, 20), "lora": (7, 1), "loha": (14, 1),
+CONV_BUDGETS = {"tenvoo-l": (44, 8), "tenvoo-q": (56, 16), "lora": (6, 0), "loha": (14, 0),
                 "lokr": (10, 1)}
 #: The same for an adapted Linear (QuanTA) on the backend the CPU runs it with (reference).
 LINEAR_BUDGET = (13, 5)

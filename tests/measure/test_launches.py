@@ -38,6 +38,20 @@ def test_counts_of_a_known_sequence():
     assert c.by_op["model"]["add"] == 1
 
 
+def test_a_foreach_copy_counts_the_kernels_cuda_would_run():
+    """``_foreach_copy_`` is one fused kernel on CUDA only between tensors of equal sizes and
+    strides; otherwise CUDA copies pair by pair, and so the counter counts."""
+    dst = [torch.empty(3, 4), torch.empty(4, 5), torch.empty(2, 2)]
+    same = [torch.randn(3, 4), torch.randn(4, 5), torch.randn(2, 2)]
+    permuted = [torch.randn(4, 3).t(), torch.randn(5, 4).t(), torch.randn(2, 2)]
+    with LaunchCounter() as c:
+        torch._foreach_copy_(dst, same)
+    assert (c.total().launches, c.total().copies) == (1, 1)
+    with LaunchCounter() as c:
+        torch._foreach_copy_(dst, permuted)
+    assert (c.total().launches, c.total().copies) == (3, 3)
+
+
 def test_layers_forward_backward_and_optimizer_are_attributed():
     model = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv3d(3, 2, 1))
     opt = torch.optim.Adam(model.parameters(), fused=True)

@@ -36,20 +36,22 @@ from tenvoo_fast.ddpm.run_options import FinetuneOptions
 from tenvoo_fast.ddpm.system import versions
 from tenvoo_fast.files import atomic_path, write_json_atomic
 
-#: method:backend:strategy (backend and strategy default to auto).
+#: method:backend:strategy[:weight policy] (backend and strategy default to auto, the weight
+#: policy to recompute).
 CONFIGS = ("full", "lora", "lora:reference", "lora:torch", "lora:triton:merged",
-           "tenvoo-l", "tenvoo-l:reference", "tenvoo-l:torch:merged", "tenvoo-l:torch:factorized",
-           "tenvoo-l:triton:merged",
-           "tenvoo-q", "tenvoo-q:reference", "tenvoo-q:torch:merged", "tenvoo-q:torch:factorized",
-           "tenvoo-q:triton:merged")
+           "tenvoo-l", "tenvoo-l:reference", "tenvoo-l:torch:merged", "tenvoo-l:torch:merged:keep",
+           "tenvoo-l:torch:factorized", "tenvoo-l:triton:merged", "tenvoo-l:triton:merged:keep",
+           "tenvoo-q", "tenvoo-q:reference", "tenvoo-q:torch:merged", "tenvoo-q:torch:merged:keep",
+           "tenvoo-q:torch:factorized", "tenvoo-q:triton:merged", "tenvoo-q:triton:merged:keep")
 
 
 def count(config: str, size: int, rank: int, amp: str, work: Path) -> dict:
-    method, backend, strategy = (config.split(":") + ["auto", "auto"])[:3]
+    method, backend, strategy, policy = (config.split(":") + ["auto", "auto", "recompute"])[:4]
     opts = FinetuneOptions(preset="paper", method=method, steps=finetune.WARMUP_STEPS + 1,
                            accum=1, batch_size=1, size=(size,) * 3, rank=rank, amp=amp,
                            num_volumes=2, backend=backend, strategy=strategy,
-                           count_launches=True, overwrite=True, out=str(work / "run"))
+                           weight_policy=policy, count_launches=True, overwrite=True,
+                           out=str(work / "run"))
     if backend == "triton" and not torch.cuda.is_available():
         # The interpreter would take hours on the paper UNet: count the launches, run none.
         from tenvoo_fast.triton_kernels.launching import dry_run
@@ -62,13 +64,15 @@ def count(config: str, size: int, rank: int, amp: str, work: Path) -> dict:
         key = layer["backend"] + (f"/{layer['strategy']}" if layer["strategy"] else "")
         how[key] = how.get(key, 0) + 1
     return dict(config=config, method=method, backend=backend, strategy=strategy,
-                execution=how, **metrics["launches"])
+                weight_policy=policy, execution=how, **metrics["launches"])
 
 
 #: Per-layer table: (method, backends) at these (Cin, Cout) of the DDPM's 3x3x3 convs, r=4.
 LAYER_SHAPES = ((32, 64), (128, 256))
 LAYER_METHODS = ("lora", "loha", "lokr", "tenvoo-l", "tenvoo-q")
-LAYER_BACKENDS = (("reference", "auto"), ("torch", "merged"), ("triton", "merged"))
+LAYER_BACKENDS = (("reference", "auto", "recompute"), ("torch", "merged", "recompute"),
+                  ("torch", "merged", "keep"), ("triton", "merged", "recompute"),
+                  ("triton", "merged", "keep"))
 
 
 def _conv_adapter(method: str, conv, rank: int):
@@ -85,14 +89,16 @@ def layer_rows(rank: int) -> list[dict]:
     from tenvoo_fast.measure.launches import extra_step_counts
     rows = []
     for method in LAYER_METHODS:
-        for backend, strategy in LAYER_BACKENDS:
-            row = dict(method=method, backend=backend, strategy=strategy, shapes={})
+        for backend, strategy, policy in LAYER_BACKENDS:
+            row = dict(method=method, backend=backend, strategy=strategy, weight_policy=policy,
+                       shapes={})
             for cin, cout in LAYER_SHAPES:
                 torch.manual_seed(0)
                 plain = torch.nn.Conv3d(cin, cout, 3, padding=1)
                 layer = _conv_adapter(method, torch.nn.Conv3d(cin, cout, 3, padding=1), rank)
                 x = torch.randn(1, cin, 2, 2, 2, requires_grad=True)
-                with tenvoo_fast.use_backend(backend), tenvoo_fast.use_strategy(strategy):
+                with tenvoo_fast.use_backend(backend), tenvoo_fast.use_strategy(strategy), \
+                        tenvoo_fast.use_weight_policy(policy):
                     row["shapes"][f"{cin}->{cout}"] = extra_step_counts(layer, plain, x).as_dict()
             rows.append(row)
     return rows
@@ -100,41 +106,45 @@ def layer_rows(rank: int) -> list[dict]:
 
 def plan_rows(rank: int) -> list[dict]:
     """The ``triton`` backend's launches per adapted Conv3d step over every DDPM conv shape,
-    from its launch plan (3 fixed launches + the tree's)."""
+    from its launch plan (3 fixed launches, 2 keeping the weight, + the tree's)."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repository's tests/
     from tenvoo_fast.triton_kernels.launch_tree import fused_for
     from tests.ddpm_shapes import DDPM_CONV_SHAPES
     rows = []
     for method in LAYER_METHODS:
-        counts = {}
-        for cin, cout in DDPM_CONV_SHAPES:
-            layer = _conv_adapter(method, torch.nn.Conv3d(cin, cout, 3), rank)
-            net = layer.network
-            f = fused_for(net.equation, tuple(tuple(c.shape) for c in net.views(layer.cores)))
-            counts[f"{cin}->{cout}"] = (None if f is None else
-                                        3 + len(f.forward_launches) + len(f.backward_launches))
-        rows.append(dict(method=method, launches=counts))
+        for policy, fixed in (("recompute", 3), ("keep", 2)):
+            counts = {}
+            for cin, cout in DDPM_CONV_SHAPES:
+                layer = _conv_adapter(method, torch.nn.Conv3d(cin, cout, 3), rank)
+                net = layer.network
+                f = fused_for(net.equation,
+                              tuple(tuple(c.shape) for c in net.views(layer.cores)))
+                counts[f"{cin}->{cout}"] = (None if f is None else fixed
+                                            + len(f.forward_launches) + len(f.backward_launches))
+            rows.append(dict(method=method, weight_policy=policy, launches=counts))
     return rows
 
 
 def layer_table(rows: list[dict]) -> str:
     heads = [f"{s} launches / copies" for s in (f"{a}->{b}" for a, b in LAYER_SHAPES)]
-    lines = ["| method | backend | " + " | ".join(heads) + " |",
-             "|---|---|" + "---:|" * len(heads)]
+    lines = ["| method | backend | weight | " + " | ".join(heads) + " |",
+             "|---|---|---|" + "---:|" * len(heads)]
     for r in rows:
         cells = [f"+{c['launches']} / +{c['copies']}" for c in r["shapes"].values()]
         lines.append(f"| {r['method']} | {r['backend']} ({r['strategy']}) | "
-                     + " | ".join(cells) + " |")
+                     f"{r['weight_policy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plan_table(rows: list[dict]) -> str:
-    lines = ["| method | shapes within 6 | launches (min-max) | over 6 |", "|---|---:|---:|---|"]
+    lines = ["| method | weight | shapes within 6 | launches (min-max) | over 6 |",
+             "|---|---|---:|---:|---|"]
     for r in rows:
         n = [v for v in r["launches"].values() if v is not None]
         over = ", ".join(f"{k}: {v}" for k, v in r["launches"].items() if v is not None and v > 6)
-        lines.append(f"| {r['method']} | {sum(v <= 6 for v in n)} of {len(r['launches'])} | "
+        lines.append(f"| {r['method']} | {r['weight_policy']} | "
+                     f"{sum(v <= 6 for v in n)} of {len(r['launches'])} | "
                      f"{min(n)}-{max(n)} | {over or '-'} |")
     return "\n".join(lines)
 

@@ -89,6 +89,13 @@ def _reference_linear(layer, x):
     return F.linear(x, layer.effective_weight().to(layer.compute_dtype(x)), _bias(layer, x))
 
 
+def _keep_weight(x) -> bool:
+    """Keep the effective weight for backward: the policy says so and the backward will need
+    it (for the input's gradient)."""
+    return (x.requires_grad and torch.is_grad_enabled()
+            and dispatch.current_weight_policy() == "keep")
+
+
 def _fast_conv3d(layer, x, backend):
     dt = layer.compute_dtype(x)
     x = x.to(dt)
@@ -103,7 +110,8 @@ def _fast_conv3d(layer, x, backend):
     if chosen == "merged":
         return call(ops.merged.merged_conv3d,
                     x, layer.weight, net.views(layer.core_list()), _frozen_delta(layer, backend),
-                    layer.bias, net.equation, net.scale, geo.pack(), backend.impl)[0]
+                    layer.bias, net.equation, net.scale, geo.pack(), backend.impl,
+                    _keep_weight(x))[0]
     op = (ops.factorized.factorized_conv3d if chosen == "factorized"
           else ops.implicit_gemm.implicit_conv3d)
     return call(op, x, layer.weight, layer.core_list(), _frozen_cores(layer), layer.bias,
@@ -121,4 +129,4 @@ def _fast_linear(layer, x, backend):
                     layer.activation_equation, net.scale)
     return call(ops.merged.merged_linear,
                 x, layer.weight, net.views(layer.core_list()), _frozen_delta(layer, backend),
-                layer.bias, net.equation, net.scale, backend.impl)[0]
+                layer.bias, net.equation, net.scale, backend.impl, _keep_weight(x))[0]

@@ -206,6 +206,14 @@ class _Builder:
         self.code: list = []
         #: tensor -> the copy of it a step made to read it (later readers reuse the copy)
         self.copied: dict[int, int] = {}
+        self._reads: dict = {}
+
+    def _read(self, layout: str, groups: tuple) -> Optional[tuple]:
+        """:func:`read` with this program's sizes, remembered (the search asks often)."""
+        key = (layout, groups)
+        if key not in self._reads:
+            self._reads[key] = read(layout, self.sizes, groups)
+        return self._reads[key]
 
     def new(self, layout: str) -> int:
         self.layouts.append(layout)
@@ -240,7 +248,7 @@ class _Builder:
             for g, o in ((groups[0], orders[0]), (groups[2], orders[2])):
                 if "".join(l for l in lo if l in g) != o:
                     return 1
-        return 0 if read(layout, self.sizes, tuple(orders)) is not None else 1
+        return 0 if self._read(layout, tuple(orders)) is not None else 1
 
     def contract(self, p: int, q: int, out: str, consumer=None, target: Optional[str] = None,
                  dst: Optional[int] = None, hint: Optional[str] = None) -> int:
@@ -280,13 +288,13 @@ class _Builder:
                 nb = math.prod(self.sizes[l] for l in b)
                 bp = b if owner in (None, p) else ""
                 bq = b if owner in (None, q) else ""
-                rp = (read(bp + rows + k, self.sizes, (bp, rows, k)) if p in self.free
-                      else read(lp, self.sizes, (bp, rows, k)))
-                rq = (read(bq + k + cols, self.sizes, (bq, k, cols)) if q in self.free
-                      else read(lq, self.sizes, (bq, k, cols)))
+                rp = (self._read(bp + rows + k, (bp, rows, k)) if p in self.free
+                      else self._read(lp, (bp, rows, k)))
+                rq = (self._read(bq + k + cols, (bq, k, cols)) if q in self.free
+                      else self._read(lq, (bq, k, cols)))
                 copies = (rp is None) + (rq is None)
                 for layout in _out_layouts(b, rows, cols, target or hint):
-                    if read(layout, self.sizes, (b, rows, cols)) is None:
+                    if self._read(layout, (b, rows, cols)) is None:
                         continue
                     miss = self._consumer_misses(layout, consumer)
                     wrong = 0 if target is None else int(layout != target)
@@ -298,7 +306,7 @@ class _Builder:
         q, rq = self._operand(q, bq + k + cols, (bq, k, cols), rq, nb)
         res = dst if dst is not None and layout == target else self.new(layout)
         self.code.append(MatMul(Read(p, *rp), Read(q, *rq),
-                                Read(res, *read(layout, self.sizes, (b, rows, cols)))))
+                                Read(res, *self._read(layout, (b, rows, cols)))))
         if dst is not None and res != dst:
             self.relayout(res, target, dst)
             return dst
@@ -312,7 +320,7 @@ class _Builder:
             self.free.discard(t)
         elif r is None:
             t = self.copied[t] = self.relayout(t, layout)
-        size, stride = read(self.layouts[t], self.sizes, groups)
+        size, stride = self._read(self.layouts[t], groups)
         if not groups[0] and batch > 1:         # broadcast along the other operand's batch
             size, stride = (batch,) + size[1:], (0,) + stride[1:]
         return t, (size, stride)

@@ -14,7 +14,7 @@ import sys
 
 
 from .._version import __version__
-from ..dispatch import STRATEGIES
+from ..dispatch import STRATEGIES, WEIGHT_POLICIES
 from ..errors import AdapterError, RunError, one_line
 from . import compare, evaluate, finetune, sample
 from .options import (HelpFormatter, Parser, add_finetune_arguments, check_device, comma_list,
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     passed.add_argument("--amp", choices=tuple(finetune.AMP_DTYPES), help="autocast dtype")
     passed.add_argument("--backend", help="adapter backend (auto, reference, ...)")
     passed.add_argument("--strategy", choices=STRATEGIES, help="merged, factorized, implicit-gemm or auto")
+    passed.add_argument("--weight-policy", choices=WEIGHT_POLICIES,
+                        help="recompute or keep the effective weight (see finetune)")
     passed.add_argument("--autotune", action="store_true", default=None,
                         help="measure each layer's backend and strategy first (see finetune)")
     passed.add_argument("--seed", type=non_negative_int, help="seed")

@@ -35,8 +35,8 @@ PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
              ("batch_size", "--batch-size"), ("num_volumes", "--num-volumes"), ("lr", "--lr"),
              ("data", "--data"), ("base_weights", "--base-weights"), ("device", "--device"),
              ("amp", "--amp"), ("seed", "--seed"), ("backend", "--backend"),
-             ("strategy", "--strategy"), ("autotune", "--autotune"),
-             ("count_launches", "--count-launches"))
+             ("strategy", "--strategy"), ("weight_policy", "--weight-policy"),
+             ("autotune", "--autotune"), ("count_launches", "--count-launches"))
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",

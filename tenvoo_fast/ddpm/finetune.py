@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..dispatch import (autotune, available_backends, current_backend, current_strategy,
-                        use_backend, use_strategy)
+                        current_weight_policy, use_backend, use_strategy, use_weight_policy)
 from ..errors import RunError, one_line
 from ..files import write_json_atomic
 from ..model import (AdapterConfig, BaseMismatchWarning, adapter_layers, adapter_memory,
@@ -93,7 +93,8 @@ def run(opts: FinetuneOptions) -> dict:
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        with use_backend(opts.backend), use_strategy(opts.strategy or "auto", strict=False):
+        with use_backend(opts.backend), use_strategy(opts.strategy or "auto", strict=False), \
+                use_weight_policy(opts.weight_policy or "recompute"):
             return _run(opts, size, amp, device, rank, world_size)
     finally:
         if world_size > 1:
@@ -189,6 +190,7 @@ def _describe(opts, model, identity, size, amp, device, world_size, data, say) -
         preset=opts.preset, size=list(size), method=opts.method, rank=identity["rank"],
         targets=identity["targets"], trainable=identity["trainable"], amp=amp, device=str(device),
         world_size=world_size, backend=current_backend(), strategy=current_strategy(),
+        weight_policy=current_weight_policy(),
         data=data_description,
         num_train=len(train_set), num_val=len(val_set), lr=opts.lr, batch_size=opts.batch_size,
         accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..dispatch import STRATEGIES
+from ..dispatch import STRATEGIES, WEIGHT_POLICIES
 from ..errors import RunError, one_line
 from .finetune import AMP_DTYPES, METHODS
 from .profiler import PROFILE_STEPS
@@ -139,6 +139,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                             "factorized (adapter on the activations), implicit-gemm (the "
                             "Triton conv generating its weight tiles; backend triton), or auto "
                             "(per layer); layers that cannot run the named one run merged")
+    train.add_argument("--weight-policy", choices=WEIGHT_POLICIES, default=d.weight_policy,
+                       help="the merged strategy's effective weight between forward and "
+                            "backward: recompute (rebuild it in backward; least memory) or "
+                            "keep (one weight per adapted layer kept in the compute dtype, as "
+                            "a plain conv keeps its weight; fewer launches and flops)")
     train.add_argument("--autotune", action="store_true",
                        help="before training, time every backend and strategy on each adapted "
                             "layer's real input and use the fastest (tenvoo_fast.autotune)")

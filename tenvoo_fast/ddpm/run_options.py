@@ -47,6 +47,7 @@ class FinetuneOptions:
     device: str = field(default_factory=lambda: default_device())
     backend: str = "auto"
     strategy: str = "auto"
+    weight_policy: str = "recompute"
     autotune: bool = False
     amp: Optional[str] = None
     # run

@@ -22,7 +22,8 @@ from .strategy import validate as validate_strategy
 
 __all__ = ["Backend", "STRATEGIES", "available_backends", "current_backend", "set_backend",
            "use_backend", "current_strategy", "use_strategy", "backend_for", "conv_strategy",
-           "linear_strategy", "supported_strategies", "resolve", "autotune"]
+           "linear_strategy", "supported_strategies", "resolve", "autotune",
+           "WEIGHT_POLICIES", "current_weight_policy", "set_weight_policy", "use_weight_policy"]
 
 
 def set_backend(name: str) -> None:
@@ -50,6 +51,36 @@ def use_strategy(name: str, strict: bool = True) -> Iterator[None]:
     """``with use_strategy("factorized"): ...`` forces a strategy for the block. A layer that
     cannot run it raises, or, with ``strict=False``, runs merged (whole-model comparisons)."""
     with context.strategy_scope(validate_strategy(name), strict):
+        yield
+
+
+#: What the merged strategy does with the effective weight between forward and backward.
+WEIGHT_POLICIES = ("recompute", "keep")
+
+
+def _validate_weight_policy(name: str) -> str:
+    if name not in WEIGHT_POLICIES:
+        raise ValueError(f"weight policy {name!r}: choose one of {', '.join(WEIGHT_POLICIES)}")
+    return name
+
+
+def current_weight_policy() -> str:
+    return context.current_weight_policy()
+
+
+def set_weight_policy(name: str) -> None:
+    """Set the effective-weight policy for this thread (see :func:`use_weight_policy`)."""
+    context.set_weight_policy_name(_validate_weight_policy(name))
+
+
+@contextlib.contextmanager
+def use_weight_policy(name: str) -> Iterator[None]:
+    """``with use_weight_policy("keep"): ...``: the merged strategy keeps each layer's
+    effective weight (in the compute dtype) from forward for backward, instead of rebuilding
+    it there ("recompute", the default). Keeping costs one weight per adapted layer in memory
+    until its backward (what a plain conv under autocast keeps of its weight), and saves the
+    rebuild's launches (three per layer on the torch path, one on triton) and flops."""
+    with context.weight_policy_scope(_validate_weight_policy(name)):
         yield
 
 

@@ -14,6 +14,9 @@ class _Context(threading.local):
     strict: bool = True
     #: A measured strategy for the layer running now (autotune), applied under ``auto``.
     tuned: Optional[str] = None
+    #: The merged strategy's effective weight between forward and backward: "recompute" or
+    #: "keep" (see :func:`tenvoo_fast.dispatch.use_weight_policy`).
+    weight_policy: str = "recompute"
 
 
 CONTEXT = _Context()
@@ -49,6 +52,18 @@ def backend_scope(name: str):
 
 def strategy_scope(name: str, strict: bool):
     return _set(strategy=name, strict=strict)
+
+
+def current_weight_policy() -> str:
+    return CONTEXT.weight_policy
+
+
+def set_weight_policy_name(name: str) -> None:
+    CONTEXT.weight_policy = name
+
+
+def weight_policy_scope(name: str):
+    return _set(weight_policy=name)
 
 
 def tuned(choice: Optional[str]):

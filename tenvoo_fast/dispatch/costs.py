@@ -13,14 +13,26 @@ from functools import lru_cache
 from ..contraction.partition import channel_letters, partition
 from ..contraction.prereduce import plan
 from ..contraction.sweep import path_flops
+from .context import current_weight_policy
+
+
+def linear_costs(network, tokens: int, activation_equation: str) -> dict[str, int]:
+    """:func:`_linear_costs` under the current weight policy."""
+    return _linear_costs(network, tokens, activation_equation, current_weight_policy())
+
+
+def conv_costs(network, x_shape: tuple, out_spatial: tuple) -> dict[str, int]:
+    """:func:`_conv_costs` under the current weight policy."""
+    return _conv_costs(network, x_shape, out_spatial, current_weight_policy())
 
 
 @lru_cache(maxsize=1024)
-def linear_costs(network, tokens: int, activation_equation: str) -> dict[str, int]:
+def _linear_costs(network, tokens: int, activation_equation: str, policy: str) -> dict[str, int]:
     """Estimated extra flops of one fwd+bwd over the frozen layer's, per strategy.
 
-    merged: the build twice (forward, and again in backward), the reverse sweep (about two
-    builds) and the dL/dW GEMM (2·tokens·in·out). factorized: the adapter on the activations
+    merged: the build twice (forward, and again in backward unless the "keep" weight policy
+    kept it: :func:`merged_builds`), the reverse sweep (about two builds) and the dL/dW GEMM
+    (2·tokens·in·out). factorized: the adapter on the activations
     for θ and θ0 in forward, then in backward both again plus their reverse sweeps (about
     seven applications in all; the base GEMMs are the frozen layer's own).
     """
@@ -29,16 +41,24 @@ def linear_costs(network, tokens: int, activation_equation: str) -> dict[str, in
     build = path_flops(network.equation, shapes)
     act_eq = activation_equation.replace("...", "t")
     act = path_flops(act_eq, ((tokens, *network.meta["in_factors"]), *shapes))
-    return {"merged": 4 * build + 2 * tokens * in_f * out_f, "factorized": 7 * act}
+    merged = merged_builds(policy) * build + 2 * tokens * in_f * out_f
+    return {"merged": merged, "factorized": 7 * act}
+
+
+def merged_builds(policy: str) -> int:
+    """Builds' worth of contraction flops in a merged fwd+bwd: forward, the rebuild in
+    backward (none when the forward keeps the weight), and the reverse sweep (about two)."""
+    return 3 if policy == "keep" else 4
 
 
 @lru_cache(maxsize=4096)
-def conv_costs(network, x_shape: tuple, out_spatial: tuple) -> dict[str, int]:
+def _conv_costs(network, x_shape: tuple, out_spatial: tuple, policy: str) -> dict[str, int]:
     """Estimated extra flops of one fwd+bwd over the frozen conv's (forward + input gradient),
     per strategy, for an input of ``x_shape`` and an output of ``out_spatial`` voxels.
 
     merged: the weight built twice and swept back once (about four builds, opt_einsum's
-    count) plus the dL/dW pass, as costly as the conv itself. factorized: the three maps of
+    count; three when the forward keeps it: :func:`merged_builds`) plus the dL/dW pass, as
+    costly as the conv itself. factorized: the three maps of
     A(x) = V·conv(U·x, K) (2 flops per multiply-add), run about seven times (θ and θ0 in
     forward; in backward θ's recompute, input and block gradients and θ0's recompute and
     input gradient). Cached per network and shapes (the path search costs milliseconds).
@@ -49,14 +69,16 @@ def conv_costs(network, x_shape: tuple, out_spatial: tuple) -> dict[str, int]:
     kvol = math.prod(k)
     p = plan(network.equation, network.shapes)
     part = partition(p.equation, p.shapes, *channel_letters(network))
-    merged = 4 * path_flops(p.equation, p.shapes) + 2 * vout * cin * cout * kvol
+    merged = (merged_builds(policy) * path_flops(p.equation, p.shapes)
+              + 2 * vout * cin * cout * kvol)
     path = 2 * (vin * cin * part.rank_u + vout * part.rank_u * part.rank_v * kvol
                 + vout * part.rank_v * cout)
     return {"merged": merged, "factorized": 7 * path}
 
 
 #: Launches per training step of one adapted layer beyond its frozen base on the ``triton``
-#: backend, per strategy (counted on the CPU: tests/kernels/test_tree.py checks them).
+#: backend, per strategy, recomputing the weight (counted on the CPU: tests/kernels/test_tree.py
+#: checks them); keeping it (the "keep" weight policy) saves merged one.
 TRITON_LAUNCHES = {"conv3d": {"merged": 5, "factorized": 162},
                    "linear": {"merged": 5, "factorized": 56}}
 #: The flops one launch is worth on a GPU: ~13 µs of host time per launch (H100 profile,
@@ -67,5 +89,7 @@ LAUNCH_FLOPS = 13e-6 * 50e12
 def with_launches(costs: dict[str, int], kind: str) -> dict[str, float]:
     """``costs`` plus :data:`LAUNCH_FLOPS` per launch of each strategy on the ``triton``
     backend (a strategy without a count keeps its flops)."""
-    launches = TRITON_LAUNCHES[kind]
+    launches = dict(TRITON_LAUNCHES[kind])
+    if current_weight_policy() == "keep":
+        launches["merged"] -= 1
     return {s: c + LAUNCH_FLOPS * launches.get(s, 0) for s, c in costs.items()}

@@ -14,6 +14,7 @@ slot and dtype, one buffer as large as the largest request so far; :func:`clear`
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -31,7 +32,7 @@ def _pool() -> dict:
 
 def scratch(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor of ``shape`` for temporary use under the name ``slot``."""
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or slot in getattr(_local, "kept", ()):
         return torch.empty(shape, dtype=dtype, device=device)
     n = math.prod(shape)
     pool = _pool()
@@ -42,6 +43,18 @@ def scratch(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch
         with torch.inference_mode(False):
             buf = pool[(slot, dtype)] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
+
+
+@contextlib.contextmanager
+def kept(slot: str):
+    """While active, ``slot`` gets fresh tensors (what it holds outlives the op: the effective
+    weight kept for backward)."""
+    before = getattr(_local, "kept", ())
+    _local.kept = before + (slot,)
+    try:
+        yield
+    finally:
+        _local.kept = before
 
 
 def pooled_bytes() -> int:

@@ -5,8 +5,9 @@ copy) with a backward op ``backward_op(grad_out, x, base, cores, frozen, bias, n
 need_bias, *args) -> [grad_x, grad_bias, *grad_cores]``; unneeded gradients come back as
 separate empty tensors (a custom op's outputs may not alias each other).
 
-An op registered with ``keeps=True`` returns ``(output, kept)``: ``kept`` (small forward
-intermediates, not differentiable) is saved too and handed to the backward op after ``bias``.
+An op registered with ``keeps=k`` returns ``(output, *kept)``: the ``k`` kept tensors (forward
+results the backward reuses, not differentiable; empty when there is nothing to keep) are
+saved too and handed to the backward op after ``bias``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def call(op, x, base, cores, frozen, bias, *args):
     return EAGER[op].apply(x, base, bias, len(cores), args, *cores, *frozen)
 
 
-def _eager_function(op, backward_op, keeps: bool):
+def _eager_function(op, backward_op, keeps: int):
     body, backward_body = BODY_OF[op], BODY_OF[backward_op]
 
     class Eager(torch.autograd.Function):
@@ -36,14 +37,13 @@ def _eager_function(op, backward_op, keeps: bool):
         def forward(ctx, x, base, bias, n_cores, args, *tensors):
             cores, frozen = list(tensors[:n_cores]), list(tensors[n_cores:])
             out = body(x, base, cores, frozen, bias, *args)
-            y, kept = out if keeps else (out, None)
-            extra = [kept] if keeps else []
-            ctx.save_for_backward(x, base, bias, *cores, *frozen, *extra)
+            y, kept = (out[0], list(out[1:])) if keeps else (out, [])
+            ctx.save_for_backward(x, base, bias, *cores, *frozen, *kept)
             ctx.n_cores, ctx.n_frozen, ctx.args = n_cores, len(frozen), args
             if keeps:
-                ctx.mark_non_differentiable(kept)
+                ctx.mark_non_differentiable(*kept)
                 ctx.set_materialize_grads(False)
-                return y, kept
+                return (y, *kept)
             return y
 
         @staticmethod
@@ -65,14 +65,14 @@ def _eager_function(op, backward_op, keeps: bool):
 
 
 def register_recompute_autograd(op, backward_op, grad_x_like: Callable,
-                                keeps: bool = False) -> None:
+                                keeps: int = 0) -> None:
     """Autograd for ``op`` through ``backward_op``, and ``backward_op``'s fake kernel, whose
     input gradient is ``grad_x_like(x)`` (the real kernel's layout)."""
     def setup_context(ctx, inputs, output):
         x, base, cores, frozen, bias, *args = inputs
-        kept = [output[1]] if keeps else []
+        kept = list(output[1:1 + keeps]) if keeps else []
         if keeps:
-            ctx.mark_non_differentiable(output[1])
+            ctx.mark_non_differentiable(*kept)
             ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, base, bias, *cores, *frozen, *kept)
         ctx.n_cores, ctx.n_frozen, ctx.args = len(cores), len(frozen), args
@@ -93,7 +93,7 @@ def register_recompute_autograd(op, backward_op, grad_x_like: Callable,
 
     @backward_op.register_fake
     def _(grad_out, x, base, cores, frozen, bias, *args):
-        need_x, need_bias = args[int(keeps):int(keeps) + 2]
+        need_x, need_bias = args[keeps:keeps + 2]
         torch._check(grad_out.dim() == x.dim(),
                      lambda: f"grad_out is {grad_out.dim()}-D, the input {x.dim()}-D")
         return ([grad_x_like(x) if need_x else x.new_empty(0),

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
+from ..kernels import workspace
 from ..contraction import last_step, program, sweep
 from ..contraction.prereduce import plan, reduced_cores, stored_grads
 from ..contraction.reference import contraction_dtype
@@ -160,9 +161,14 @@ def _fused_effective(steps, nodes, base, frozen, weight_shape, scale, impl, out_
                                          frozen_delta, out_dtype)
 
 
-def _effective(base, frozen, cores, equation, scale, impl, out_dtype) -> tuple[Tensor, Tensor]:
+def _effective(base, frozen, cores, equation, scale, impl, out_dtype,
+               keep: bool = False) -> tuple[Tensor, Tensor]:
     """(effective weight, what backward keeps: the program's small intermediates (``torch``)
-    or nothing (the other kernels rebuild them))."""
+    or nothing (the other kernels rebuild them)); ``keep``: the weight outlives the op (a
+    fresh tensor, not the CPU scratch buffer)."""
+    if keep:
+        with workspace.kept("weight"):
+            return _effective(base, frozen, cores, equation, scale, impl, out_dtype)
     with exact_math(base.device.type):
         fused = _fused(cores, equation, impl)
         if fused is not None:
@@ -185,22 +191,33 @@ def _effective(base, frozen, cores, equation, scale, impl, out_dtype) -> tuple[T
 @custom_op("tenvoo_fast::merged_conv3d", mutates_args=())
 def merged_conv3d(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                   bias: Optional[Tensor], equation: str, scale: float, conv: list[int],
-                  impl: str) -> tuple[Tensor, Tensor]:
+                  impl: str, keep_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(conv3d(x, W + (T(θ) - T(θ0)), bias) in x's dtype, the weight formed in fp32 first;
-    what backward keeps); ``frozen`` is ``[T(θ0)]`` (empty: no frozen copy), ``conv`` stride +
-    padding + dilation. The output is in x's :func:`memory_format` whatever layout the
-    framework's conv picks (as the fake kernel says)."""
-    w, saved = _effective(base, frozen, cores, equation, scale, impl, x.dtype)
+    what backward keeps: the contraction's small intermediates, and the effective weight if
+    ``keep_weight`` (else an empty tensor: backward rebuilds it)); ``frozen`` is ``[T(θ0)]``
+    (empty: no frozen copy), ``conv`` stride + padding + dilation. The output is in x's
+    :func:`memory_format` whatever layout the framework's conv picks (as the fake kernel
+    says)."""
+    w, saved = _effective(base, frozen, cores, equation, scale, impl, x.dtype, keep_weight)
     b = None if bias is None else bias.to(x.dtype)
     g = ConvGeometry.unpack(conv)
     y = F.conv3d(x, w, b, g.stride, g.padding, g.dilation)
-    return y.contiguous(memory_format=memory_format(x)), saved
+    return y.contiguous(memory_format=memory_format(x)), saved, _kept_weight(w, x, keep_weight)
+
+
+def _kept_weight(w: Tensor, x: Tensor, keep: bool) -> Tensor:
+    return w if keep else x.new_empty(0)
 
 
 @merged_conv3d.register_fake
-def _(x, base, cores, frozen, bias, equation, scale, conv, impl):
+def _(x, base, cores, frozen, bias, equation, scale, conv, impl, keep_weight):
     check_conv_args(x, base, cores, frozen, bias, conv, FROZEN_COUNTS)
-    return conv_output_like(x, base, conv), _saved_like(cores, equation, impl)
+    return (conv_output_like(x, base, conv), _saved_like(cores, equation, impl),
+            _weight_like(base, x, keep_weight))
+
+
+def _weight_like(base: Tensor, x: Tensor, keep: bool) -> Tensor:
+    return base.new_empty(base.shape, dtype=x.dtype) if keep else x.new_empty(0)
 
 
 def _saved_like(cores, equation, impl) -> Tensor:
@@ -211,36 +228,39 @@ def _saved_like(cores, equation, impl) -> Tensor:
 @custom_op("tenvoo_fast::merged_linear", mutates_args=())
 def merged_linear(x: Tensor, base: Tensor, cores: list[Tensor], frozen: list[Tensor],
                   bias: Optional[Tensor], equation: str, scale: float,
-                  impl: str) -> tuple[Tensor, Tensor]:
+                  impl: str, keep_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(linear(x, W + (T(θ) - T(θ0)), bias) in x's dtype, the weight formed in fp32 first;
-    what backward keeps)."""
-    w, saved = _effective(base, frozen, cores, equation, scale, impl, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype)), saved
+    what backward keeps, as :func:`merged_conv3d`)."""
+    w, saved = _effective(base, frozen, cores, equation, scale, impl, x.dtype, keep_weight)
+    return (F.linear(x, w, None if bias is None else bias.to(x.dtype)), saved,
+            _kept_weight(w, x, keep_weight))
 
 
 @merged_linear.register_fake
-def _(x, base, cores, frozen, bias, equation, scale, impl):
+def _(x, base, cores, frozen, bias, equation, scale, impl, keep_weight):
     check_linear_args(x, base, cores, frozen, bias, FROZEN_COUNTS)
-    return x.new_empty((*x.shape[:-1], base.shape[0])), _saved_like(cores, equation, impl)
+    return (x.new_empty((*x.shape[:-1], base.shape[0])), _saved_like(cores, equation, impl),
+            _weight_like(base, x, keep_weight))
 
 
-def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, equation, scale,
-              conv, impl) -> list[Tensor]:
+def _backward(grad_out, x, base, cores, frozen, bias, saved, weight, need_x, need_bias, equation,
+              scale, conv, impl) -> list[Tensor]:
     """[grad_x, grad_bias, *grad_cores] of a merged conv3d (``conv``: 9 ints) or linear
     (``conv`` empty); unneeded gradients come back empty.
 
-    The effective weight is rebuilt (its small intermediates come from ``saved`` with the
-    ``torch`` kernels, else from a new forward sweep kept for this call only), the framework's
-    conv/linear backward runs once on it, and the reverse sweep turns dL/dW into every core's
-    gradient.
+    The effective weight is ``weight`` where the forward kept it, else rebuilt (its small
+    intermediates come from ``saved`` with the ``torch`` kernels, else from a new forward
+    sweep kept for this call only); the framework's conv/linear backward runs once on it, and
+    the reverse sweep turns dL/dW into every core's gradient.
     """
+    rebuild = need_x and weight.numel() == 0
     with exact_math(x.device.type):
         shape = list(base.shape)
         fused = _fused(cores, equation, impl)
         if fused is not None:
             w = (kernels.tree(impl).build(fused, saved, cores, shape, scale, base,
                                           frozen[0] if frozen else None, x.dtype)
-                 if need_x else None)
+                 if rebuild else None)
         elif impl == "torch":
             p = plan(equation, _shapes(cores))
             prog = program.program_for(p.equation, p.shapes)
@@ -250,12 +270,14 @@ def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, 
             left, right, state = program.operands(prog, reduced, saved, p)
             w = (kernels.last_step("torch").build_weight(prog, left, right, shape, scale, base,
                                                       frozen[0] if frozen else None, x.dtype)
-                 if need_x else None)
+                 if rebuild else None)
         else:
             p, dtype, reduced = reduced_cores(cores, equation)
             steps, nodes = sweep.forward_tree(p.equation, reduced)
             w = (_fused_effective(steps, nodes, base, frozen, shape, scale, impl, x.dtype)
-                 if need_x else None)
+                 if rebuild else None)
+        if need_x and not rebuild:
+            w = weight
         g = grad_out.to(x.dtype)
         if conv:
             geo = ConvGeometry.unpack(conv)
@@ -284,21 +306,24 @@ def _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, 
 @custom_op("tenvoo_fast::merged_conv3d_backward", mutates_args=())
 def merged_conv3d_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
                            frozen: list[Tensor], bias: Optional[Tensor], saved: Tensor,
-                           need_x: bool, need_bias: bool, equation: str, scale: float,
-                           conv: list[int], impl: str) -> list[Tensor]:
-    """[grad_x, grad_bias, *grad_cores] of :func:`merged_conv3d`."""
-    return _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, equation,
-                     scale, conv, impl)
+                           weight: Tensor, need_x: bool, need_bias: bool, equation: str,
+                           scale: float, conv: list[int], impl: str,
+                           keep_weight: bool) -> list[Tensor]:
+    """[grad_x, grad_bias, *grad_cores] of :func:`merged_conv3d` (``weight``: the effective
+    weight it kept, or empty)."""
+    return _backward(grad_out, x, base, cores, frozen, bias, saved, weight, need_x, need_bias,
+                     equation, scale, conv, impl)
 
 
 @custom_op("tenvoo_fast::merged_linear_backward", mutates_args=())
 def merged_linear_backward(grad_out: Tensor, x: Tensor, base: Tensor, cores: list[Tensor],
                            frozen: list[Tensor], bias: Optional[Tensor], saved: Tensor,
-                           need_x: bool, need_bias: bool, equation: str, scale: float,
-                           impl: str) -> list[Tensor]:
+                           weight: Tensor, need_x: bool, need_bias: bool, equation: str,
+                           scale: float, impl: str,
+                           keep_weight: bool) -> list[Tensor]:
     """[grad_x, grad_bias, *grad_cores] of :func:`merged_linear`."""
-    return _backward(grad_out, x, base, cores, frozen, bias, saved, need_x, need_bias, equation,
-                     scale, [], impl)
+    return _backward(grad_out, x, base, cores, frozen, bias, saved, weight, need_x, need_bias,
+                     equation, scale, [], impl)
 
 
 def _contiguous_like(x: Tensor) -> Tensor:
@@ -306,5 +331,5 @@ def _contiguous_like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-register_recompute_autograd(merged_conv3d, merged_conv3d_backward, _contiguous_like, keeps=True)
-register_recompute_autograd(merged_linear, merged_linear_backward, _contiguous_like, keeps=True)
+register_recompute_autograd(merged_conv3d, merged_conv3d_backward, _contiguous_like, keeps=2)
+register_recompute_autograd(merged_linear, merged_linear_backward, _contiguous_like, keeps=2)

@@ -80,7 +80,7 @@ def test_the_insides_of_custom_ops_are_counted():
     cores = layer.network.views(list(layer.cores))
     frozen = [layer.frozen_delta_weight(tenvoo_fast.dispatch.get_backend("torch"))]
     args = (x, layer.weight, cores, frozen, layer.bias, layer.network.equation, 1.0,
-            [1, 1, 1, 1, 1, 1, 1, 1, 1], "torch")
+            [1, 1, 1, 1, 1, 1, 1, 1, 1], "torch", False)
     through_op = count_step(lambda: merged_conv3d(*args)).total()
     eager = count_step(lambda: tenvoo_fast.ops.autograd.call(merged_conv3d, *args)).total()
     assert through_op.launches == eager.launches > 10

@@ -179,24 +179,27 @@ def test_opcheck_every_op(impl, seeded):
     base, frozen = torch.randn(shape) * 0.02, [torch.randn(shape)]
     conv = [1, 1, 1, 1, 0, 1, 1, 1, 1]
     bias = torch.randn(shape[0], requires_grad=True)
-    for layout in (torch.contiguous_format, torch.channels_last_3d):
+    for layout, keep in ((torch.contiguous_format, False), (torch.channels_last_3d, False),
+                         (torch.contiguous_format, True)):
         x = torch.randn(1, shape[1], 4, 3, 4).contiguous(memory_format=layout).requires_grad_()
         torch.library.opcheck(torch.ops.tenvoo_fast.merged_conv3d.default,
-                              (x, base, cores, frozen, bias, net.equation, net.scale, conv, impl))
-        _, saved = torch.ops.tenvoo_fast.merged_conv3d(
+                              (x, base, cores, frozen, bias, net.equation, net.scale, conv, impl,
+                               keep))
+        _, saved, weight = torch.ops.tenvoo_fast.merged_conv3d(
             x.detach(), base, [c.detach() for c in cores], frozen, bias.detach(), net.equation,
-            net.scale, conv, impl)
+            net.scale, conv, impl, keep)
+        assert weight.numel() == (base.numel() if keep else 0)
         torch.library.opcheck(torch.ops.tenvoo_fast.merged_conv3d_backward.default,
                               (torch.randn(1, shape[0], 4, 2, 4), x.detach(), base,
-                               [c.detach() for c in cores], frozen, bias.detach(), saved, True,
-                               True, net.equation, net.scale, conv, impl))
+                               [c.detach() for c in cores], frozen, bias.detach(), saved, weight,
+                               True, True, net.equation, net.scale, conv, impl, keep))
     qnet = NETWORKS["quanta-rank"]()
     qcores = [torch.randn(c.contraction_shape, requires_grad=True) for c in qnet.cores]
     qshape = list(qnet.weight_shape)
     torch.library.opcheck(torch.ops.tenvoo_fast.merged_linear.default,
                           (torch.randn(2, 3, qshape[1], requires_grad=True),
                            torch.randn(qshape) * 0.02, qcores, [], None, qnet.equation,
-                           qnet.scale, impl))
+                           qnet.scale, impl, False))
     eq = methods.QUANTA_ACTIVATION_EQUATION
     xq = torch.randn(2, 3, qshape[1], requires_grad=True)
     frozen = [c.detach() + 0.1 for c in qcores]
@@ -218,14 +221,15 @@ def test_fake_kernels_refuse_bad_arguments():
     base = torch.empty(net.weight_shape, **meta)
     with pytest.raises(RuntimeError, match=f"input has {cin + 1} channels"):
         torch.ops.tenvoo_fast.merged_conv3d(torch.empty(1, cin + 1, 4, 4, 4, **meta), base,
-                                            cores, [], None, net.equation, 1.0, [1] * 9, "torch")
+                                            cores, [], None, net.equation, 1.0, [1] * 9, "torch",
+                                            False)
     with pytest.raises(RuntimeError, match="9 ints"):
         torch.ops.tenvoo_fast.merged_conv3d(torch.empty(1, cin, 4, 4, 4, **meta), base, cores,
-                                            [], None, net.equation, 1.0, [1, 1, 1], "torch")
+                                            [], None, net.equation, 1.0, [1, 1, 1], "torch", False)
     with pytest.raises(RuntimeError, match="frozen tensors"):
         torch.ops.tenvoo_fast.merged_conv3d(torch.empty(1, cin, 4, 4, 4, **meta), base, cores,
                                             [base, base], None, net.equation, 1.0, [1] * 9,
-                                            "torch")
+                                            "torch", False)
 
 
 def test_torch_compile_inductor(seeded):

@@ -46,7 +46,8 @@ CONFIGS = ("full", "lora", "lora:reference", "lora:torch", "lora:triton:merged",
 
 
 def count(config: str, size: int, rank: int, amp: str, work: Path) -> dict:
-    method, backend, strategy, policy = (config.split(":") + ["auto", "auto", "recompute"])[:4]
+    parts = config.split(":")
+    method, backend, strategy, policy = parts + ["auto", "auto", "recompute"][len(parts) - 1:]
     opts = FinetuneOptions(preset="paper", method=method, steps=finetune.WARMUP_STEPS + 1,
                            accum=1, batch_size=1, size=(size,) * 3, rank=rank, amp=amp,
                            num_volumes=2, backend=backend, strategy=strategy,

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import tenvoo_fast
-from tenvoo_fast import QuanTALinear, TenVOOConv3d, use_backend, use_strategy
+from tenvoo_fast import (QuanTALinear, TenVOOConv3d, use_backend, use_strategy,
+                         use_weight_policy)
 from tenvoo_fast.dispatch.costs import conv_costs
 from tenvoo_fast.measure import owned_tensors, saved_bytes
 
@@ -127,12 +128,14 @@ def test_autograd_floor(benchmark, shape, adapter):
 # conv's activation-sized maps in the fused Triton kernels (torch/factorized: in torch);
 # triton/implicit-gemm is the Triton conv that generates its weight tiles on chip (compare with
 # trainable-conv: cuDNN's conv).
+# A third part is the effective-weight policy ("keep": the merged forward's weight reused by
+# the backward; default: rebuilt there).
 @pytest.mark.parametrize("backend", ["reference", "torch", "auto", DEVICE, "torch/merged",
-                                     "torch/factorized"]
-                         + (["triton", "triton/factorized", "triton/implicit-gemm"]
-                            if DEVICE == "cuda" else []))
+                                     "torch/merged/keep", "torch/factorized"]
+                         + (["triton", "triton/merged/keep", "triton/factorized",
+                             "triton/implicit-gemm"] if DEVICE == "cuda" else []))
 def test_tenvoo_conv(benchmark, shape, adapter, backend):
-    name, _, strategy = backend.partition("/")
+    name, strategy, policy = (backend.split("/") + ["", "recompute"])[:3]
     reason = tenvoo_fast.dispatch.backends.get_backend(name).unavailable_reason() if name in (
         "cpu", "cuda") else None
     if reason:
@@ -149,7 +152,7 @@ def test_tenvoo_conv(benchmark, shape, adapter, backend):
     if strategy == "implicit-gemm" and variant == "Q" and rank > 4:
         pytest.skip("implicit-gemm generates each weight tile over Q's r³ bond (1728 at r=12): "
                     "about 27x the conv's own flops")
-    with use_backend(name), use_strategy(strategy or "auto"):
+    with use_backend(name), use_strategy(strategy or "auto"), use_weight_policy(policy):
         chosen = tenvoo_fast.dispatch.resolve(layer, x)
         picked = (tenvoo_fast.dispatch.strategy.conv_strategy(layer, x.shape, vol, chosen.impl)
                   if chosen.name != "reference" else None)

@@ -4,9 +4,10 @@ The Python runner (:func:`tenvoo_fast.contraction.program._run`) makes three str
 matmul in Python: about 14 µs of host time per instruction against about 2 µs for the matmul
 itself on small operands. Here a program's instruction list is flattened once into an int64
 table, and each call hands the C++ runner only where every tensor lies; it issues the same ATen
-calls (``bmm`` with ``out=``, ``copy_``, ``_foreach_copy_``) in the same order, so results and
-launch counts are the same. Used when the ``tenvoo_fast._C`` extension is built; else the
-Python runner runs.
+calls (``bmm`` with ``out=``, ``copy_``) in the same order, so results and launch counts are
+the same. Used when the ``tenvoo_fast._C`` extension is built; else the Python runner runs.
+Groups of relayouts reach it only on the CPU loops (a loop each); elsewhere the program runs
+them as gathers (:func:`tenvoo_fast.contraction.program._gather`).
 
 On the CPU the runner does the small instructions as plain loops instead of ATen calls (see
 ``csrc/run_program.cpp``): the same sums in the contraction dtype, without ATen's per-call cost

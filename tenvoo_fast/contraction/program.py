@@ -11,8 +11,15 @@ these, and tests budget them).
 
 The program covers the whole tree: the small forward steps (their results kept in one flat
 buffer that the backward reuses, a few KB at r=4), the weight-sized last step's two operands
-as strided matrices, and the reverse sweep from dL/dT (in the last step's GEMM order) to every
-core's gradient in the core's own layout.
+as strided matrices, and the reverse sweep from dL/dT (as the weight lies, or in the last
+step's GEMM order, whichever costs fewer calls) to every core's gradient in the core's own
+layout.
+
+Run in torch (:func:`run_forward`, :func:`run_backward`), a group of relayouts is one gather
+(``index_select`` with an index made once per program): packing the cores (after one ``cat``),
+the backward's relayouts of tensors that exist before it starts, and the final unpacking of
+every core's gradient into one flat output (the pre-reduction's broadcasts included). One
+copy per relayout, as ``_foreach_copy_`` runs them on CUDA, would cost a launch each.
 """
 from __future__ import annotations
 

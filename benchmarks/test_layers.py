@@ -135,7 +135,8 @@ def test_autograd_floor(benchmark, shape, adapter):
                          + (["triton", "triton/merged/keep", "triton/factorized",
                              "triton/implicit-gemm"] if DEVICE == "cuda" else []))
 def test_tenvoo_conv(benchmark, shape, adapter, backend):
-    name, strategy, policy = (backend.split("/") + ["", "recompute"])[:3]
+    parts = backend.split("/")
+    name, strategy, policy = parts + ["", "recompute"][len(parts) - 1:]
     reason = tenvoo_fast.dispatch.backends.get_backend(name).unavailable_reason() if name in (
         "cpu", "cuda") else None
     if reason:

@@ -113,27 +113,11 @@ class Program:
     def _shapes(self) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(self._size_of[l] for l in layout) for layout in self.layouts)
 
-    @cached_property
-    def core_grad_shapes(self) -> tuple[tuple[int, ...], ...]:
-        """The shape of every (pre-reduced) core's gradient, in the core's layout."""
-        return tuple(self.shape(t) for t in self.core_grads)
-
     @property
     def grad_as_weight(self) -> bool:
         """dL/dT is read as the weight lies (else permuted into the GEMM's order first)."""
         return self.layouts[self.grad_t] != self.gemm_order or self.to_weight == tuple(
             range(len(self.to_weight)))
-
-    @cached_property
-    def packed(self) -> frozenset[int]:
-        """The cores the forward copies into another layout first."""
-        return frozenset(r.dst for op in self.forward if isinstance(op, tuple) for r in op
-                         if r.src == r.dst)
-
-    @cached_property
-    def fixed_outputs(self) -> frozenset[int]:
-        """Tensors the caller provides: dL/dT and the cores' gradients."""
-        return frozenset((self.grad_t, *self.core_grads))
 
     @property
     def copies(self) -> int:
@@ -553,8 +537,6 @@ def _calls(p: Program) -> int:
     return len(p.forward) + len(p.backward) + int(not p.grad_as_weight)
 
 
-
-
 # -- running a program in torch ------------------------------------------------------------------
 # A tensor of a running program is a place: (a flat buffer or a core, element offset). Every
 # operand is one ``as_strided`` view of its place: views cost host time too.
@@ -696,7 +678,9 @@ def _gather(group: tuple, places: dict, sources: dict | None) -> None:
                 dst, src = _pair(r, places, sources if packing else None)
                 dst.copy_(src)
             continue
-        key = (tuple(rs), tuple(src_at[r.src][1] for r in rs), buf.device)
+        # The group belongs to a cached program, so its id is stable; the sources' offsets
+        # are fixed per program (a packing's by the group itself).
+        key = (id(group), id(rs[0]), src_at[rs[0].src][1], buf.device)
         idx = _index(key, [(_relayout_index(r), src_at[r.src][1]) for r in rs], buf.device)
         if buf is not dst_buf:
             torch.index_select(buf, 0, idx, out=dst_buf[start:end])
@@ -718,7 +702,7 @@ class _TorchLayout:
     forward: tuple              # the forward's code after the packing
     offsets: dict               # kept tensor id -> offset in the kept buffer
     numel: int
-    backward: tuple             # recompute + backward (less the final unpack if gathered)
+    backward: tuple             # recompute + backward, less a final unpack (gathered)
     run_backward: tuple         # the same without the recompute
     unpack: dict                # core grad id -> (source id, Relayout or None: in place)
     unpacks: bool               # the program relayouts some core gradient at the end
@@ -760,7 +744,7 @@ def _torch_layout(prog: Program) -> _TorchLayout:
                                                             for r in backward[-1]):
         for r in backward[-1]:
             unpack[r.dst] = (r.src, r)
-        unpacks = True
+        backward, unpacks = backward[:-1], True       # the final gather does it
     return _TorchLayout(pack_code, forward, offsets, total, prog.recompute + backward,
                         backward, unpack, unpacks)
 
@@ -779,10 +763,11 @@ def kept_numel(prog: Program) -> int:
 _SCRATCH: dict = {}
 
 
-def _scratch_layout(prog: Program, code, places) -> tuple[tuple[tuple[int, int], ...], int]:
+def _scratch_layout(prog: Program, code, places,
+                    tag=None) -> tuple[tuple[tuple[int, int], ...], int]:
     """(tensor, offset) of every result of ``code`` not already placed (in ``places``), in one
-    buffer; cached (the placed ids are the same on every call with this code)."""
-    key = (id(prog), id(code))
+    buffer; cached (the placed ids are the same on every call with this code and ``tag``)."""
+    key = (id(prog), id(code), tag)
     entry = _SCRATCH.get(key)
     if entry is None or entry[0] is not code:
         taken = frozenset(places)
@@ -803,15 +788,17 @@ def _originals(cores) -> dict:
     return {i: (c if c.is_contiguous() else c.contiguous(), 0) for i, c in enumerate(cores)}
 
 
-def _places(prog: Program, kept, originals: dict, code, fixed: dict | None = None) -> dict:
+def _places(prog: Program, kept, originals: dict, code, fixed: dict | None = None,
+            tag=None) -> dict:
     """Places of the cores (in ``kept`` where packed, else the caller's ``originals``), the
-    kept results, ``fixed`` (id -> place) and, in one fresh buffer, ``code``'s others."""
+    kept results, ``fixed`` (id -> place; ``tag`` names which ids it holds) and, in one fresh
+    buffer, ``code``'s others."""
     places = dict(originals)
     for t, o in torch_layout(prog).offsets.items():
         places[t] = (kept, o)
     if fixed:
         places.update(fixed)
-    layout, total = _scratch_layout(prog, code, places)
+    layout, total = _scratch_layout(prog, code, places, tag)
     if total:
         buffer = kept.new_empty(total)
         for t, o in layout:
@@ -859,34 +846,17 @@ def operands(prog: Program, cores, kept: torch.Tensor, plan):
         for t in prog.core_grads:
             fixed[t] = (flat, at)
             at += prog.numel(t)
-    full, run = _backward_code(lay, direct)
-    places = _places(prog, kept, _originals(cores), full, fixed)
+    places = _places(prog, kept, _originals(cores), lay.backward, fixed, direct)
     _run(prog.recompute, places)
-    return (*_operands(prog, places), BackwardState(places, run, flat))
-
-
-_CODE: dict = {}
-
-
-def _backward_code(lay: _TorchLayout, direct: bool) -> tuple[tuple, tuple]:
-    """(recompute + backward, backward): all of it when the cores' gradients are written in
-    place, else without the final unpack (the gather does it); kept objects (caches key on
-    them)."""
-    key = (id(lay), direct)
-    entry = _CODE.get(key)
-    if entry is None or entry[0] is not lay:
-        full, run = lay.backward, lay.run_backward
-        if lay.unpacks and not direct:
-            full, run = full[:-1], run[:-1]
-        entry = _CODE[key] = (lay, full, run)
-    return entry[1], entry[2]
+    return (*_operands(prog, places), BackwardState(places, lay.run_backward, flat))
 
 
 def run_backward(prog: Program, cores, kept: torch.Tensor, grad_t: torch.Tensor, plan,
                  state: BackwardState | None = None) -> torch.Tensor:
     """Every stored core's gradient, back to back in one flat tensor (each in the stored
-    core's shape, contraction dtype), from dL/dT (laid out as the weight); ``plan``: the pre-reduction (its summed axes broadcast back by the final gather);
-    ``state``: from :func:`operands`."""
+    core's shape, contraction dtype), from dL/dT (laid out as the weight); ``plan``: the
+    pre-reduction (its summed axes broadcast back by the final gather); ``state``: from
+    :func:`operands`."""
     if state is None:
         state = operands(prog, cores, kept, plan)[2]
     places = state.places
@@ -896,7 +866,7 @@ def run_backward(prog: Program, cores, kept: torch.Tensor, grad_t: torch.Tensor,
         return state.flat
     lay = torch_layout(prog)
     buf = places[lay.unpack[prog.core_grads[0]][0]][0]
-    key = ("grads", id(prog), plan, buf.device)
+    key = ("grads", id(prog), id(plan), buf.device)   # both cached for good (lru_cache)
     idx = _INDEX.get(key)
     if idx is None:
         parts = []

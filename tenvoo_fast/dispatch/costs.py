@@ -89,7 +89,6 @@ LAUNCH_FLOPS = 13e-6 * 50e12
 def with_launches(costs: dict[str, int], kind: str) -> dict[str, float]:
     """``costs`` plus :data:`LAUNCH_FLOPS` per launch of each strategy on the ``triton``
     backend (a strategy without a count keeps its flops)."""
-    launches = dict(TRITON_LAUNCHES[kind])
-    if current_weight_policy() == "keep":
-        launches["merged"] -= 1
-    return {s: c + LAUNCH_FLOPS * launches.get(s, 0) for s, c in costs.items()}
+    launches, kept = TRITON_LAUNCHES[kind], current_weight_policy() == "keep"
+    return {s: c + LAUNCH_FLOPS * (launches.get(s, 0) - (kept and s == "merged"))
+            for s, c in costs.items()}

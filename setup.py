@@ -60,7 +60,8 @@ def native_extensions():
     exts = []
     if want_cpu != "0":
         exts.append(CppExtension(
-            "tenvoo_fast._C", ["csrc/ops.cpp", "csrc/run_program.cpp", "csrc/cpu/last_step_cpu.cpp"],
+            "tenvoo_fast._C", ["csrc/ops.cpp", "csrc/run_program.cpp", "csrc/merged_layer.cpp",
+             "csrc/cpu/last_step_cpu.cpp"],
             include_dirs=include, extra_compile_args={"cxx": CXX_FLAGS}))
     if want_cuda != "0":
         why = None

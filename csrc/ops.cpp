@@ -21,10 +21,12 @@ TORCH_LIBRARY(tenvoo_fast_C, m) {
 
 namespace tenvoo_fast {
 void bind_run_program(pybind11::module& m);  // run_program.cpp
+void bind_merged_layer(pybind11::module& m);  // merged_layer.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "tenvoo_fast native kernels (ops under torch.ops.tenvoo_fast_C) and the "
                  "contraction program runner (run_program)";
   tenvoo_fast::bind_run_program(module);
+  tenvoo_fast::bind_merged_layer(module);
 }

@@ -18,6 +18,8 @@
 // tracer), each looped instruction is issued as its ATen call first, so the watcher sees the
 // calls the program makes on a GPU, and the loop's result is what is kept: watching never
 // changes the numbers.
+#include "tenvoo_fast/run_program.h"
+
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 
@@ -275,6 +277,8 @@ c10::optional<at::ScalarType> loop_dtype(const std::vector<at::Tensor>& bases) {
   return dtype;
 }
 
+}  // namespace
+
 void run_program(const std::vector<at::Tensor>& bases, const std::vector<int64_t>& offsets,
                  const at::Tensor& table, bool loops, bool watched) {
   TORCH_CHECK(bases.size() == offsets.size(), "tenvoo_fast run_program: ", bases.size(),
@@ -356,6 +360,8 @@ void matmul_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool 
   at::bmm_out(out, a, b);
 }
 
+namespace {
+
 // out = base + (t - frozen) (``frozen`` undefined: base + t), elementwise over one shape with
 // any strides, the difference rounded first as the torch ops round it (two additions, no FMA).
 template <typename T>
@@ -383,6 +389,8 @@ void fold_loop(const at::Tensor& t, const at::Tensor& frozen, const at::Tensor& 
   }
 }
 
+}  // namespace
+
 // The last step's fold W + (T - T0) as one loop, when ``loops``, unwatched, and all of one CPU
 // fp32/fp64 dtype and one shape up to the loop limit for elementwise work; false: not done (the
 // caller runs the torch ops, which give the same bits).
@@ -405,8 +413,6 @@ bool fold_out(const at::Tensor& t, const c10::optional<at::Tensor>& frozen,
     fold_loop<double>(t, f, base, out);
   return true;
 }
-
-}  // namespace
 
 void bind_run_program(pybind11::module& m) {
   m.def("run_program", &run_program, "Run a flattened contraction program (see csrc/run_program.cpp)",

@@ -17,6 +17,7 @@ from . import dispatch, ops  # noqa: F401  (ops registers torch.ops.tenvoo_fast)
 from .contraction import reference
 from .contraction.partition import channel_letters
 from .dispatch import context
+from .kernels import native_layer
 from .ops.autograd import call
 from .ops.geometry import ConvGeometry
 
@@ -108,10 +109,13 @@ def _fast_conv3d(layer, x, backend):
     chosen = dispatch.conv_strategy(layer, x.shape, out_spatial, backend.impl, x.device.type)
     net = layer.network
     if chosen == "merged":
+        cores, frozen = layer.core_list(), _frozen_delta(layer, backend)
+        if dispatch.runs_native_layer(backend.impl, x, layer.weight, cores, frozen):
+            return native_layer.merged(net, x, layer.weight, cores, frozen[0] if frozen else None,
+                                       layer.bias, tuple(geo.pack()), _keep_weight(x))
         return call(ops.merged.merged_conv3d,
-                    x, layer.weight, net.views(layer.core_list()), _frozen_delta(layer, backend),
-                    layer.bias, net.equation, net.scale, geo.pack(), backend.impl,
-                    _keep_weight(x))[0]
+                    x, layer.weight, net.views(cores), frozen, layer.bias, net.equation,
+                    net.scale, geo.pack(), backend.impl, _keep_weight(x))[0]
     op = (ops.factorized.factorized_conv3d if chosen == "factorized"
           else ops.implicit_gemm.implicit_conv3d)
     return call(op, x, layer.weight, layer.core_list(), _frozen_cores(layer), layer.bias,
@@ -127,6 +131,10 @@ def _fast_linear(layer, x, backend):
         return call(ops.factorized.factorized_linear,
                     x, layer.weight, layer.core_list(), _frozen_cores(layer), layer.bias,
                     layer.activation_equation, net.scale)
+    cores, frozen = layer.core_list(), _frozen_delta(layer, backend)
+    if dispatch.runs_native_layer(backend.impl, x, layer.weight, cores, frozen):
+        return native_layer.merged(net, x, layer.weight, cores, frozen[0] if frozen else None,
+                                   layer.bias, (), _keep_weight(x))
     return call(ops.merged.merged_linear,
-                x, layer.weight, net.views(layer.core_list()), _frozen_delta(layer, backend),
-                layer.bias, net.equation, net.scale, backend.impl, _keep_weight(x))[0]
+                x, layer.weight, net.views(cores), frozen, layer.bias, net.equation, net.scale,
+                backend.impl, _keep_weight(x))[0]

@@ -56,8 +56,11 @@ def _copy(r, width: int, packing: bool, views_of) -> list[int]:
     return [COPY, len(dsize), r.dst, *dsize, *dstride, src, *sstride]
 
 
-def _encode(code, with_sources: bool, views_of) -> tuple[torch.Tensor, int]:
-    width = _ids(code)
+def _encode(code, with_sources: bool, views_of,
+            width: int | None = None) -> tuple[torch.Tensor, int]:
+    """``code`` as the C++ runner's int64 table; a packing copy reads its core at id ``width +
+    core`` (``width``: default, 1 + the largest id the code names)."""
+    width = _ids(code) if width is None else width
     table: list[int] = []
     for op in code:
         if isinstance(op, tuple):

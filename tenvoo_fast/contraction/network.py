@@ -51,9 +51,35 @@ class TensorNetwork:
     #: Extra, method-specific facts (factors, rank, ...) for reprs, checkpoints and kernels.
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
+    def __hash__(self) -> int:
+        # Hashed on every forward (the strategy's cost cache is keyed on the network): the
+        # generated hash would walk every core each time, so it is computed once.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.method, self.cores, self.output, self.weight_shape, self.scale))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict:
+        # Without the caches: a string's hash differs between processes.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
     @property
     def equation(self) -> str:
         return ",".join(c.indices for c in self.cores) + "->" + self.output
+
+    @property
+    def contraction_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The cores' shapes as the contraction reads them (cached)."""
+        shapes = self.__dict__.get("_contraction_shapes")
+        if shapes is None:
+            shapes = tuple(c.contraction_shape for c in self.cores)
+            object.__setattr__(self, "_contraction_shapes", shapes)
+        return shapes
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:

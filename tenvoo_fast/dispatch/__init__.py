@@ -17,7 +17,8 @@ import torch
 from ..errors import AdapterError
 from . import autotune, context
 from .backends import Backend, auto_ranking, available_backends, get_backend, validate
-from .strategy import STRATEGIES, conv_strategy, linear_strategy, supported_strategies
+from .strategy import (STRATEGIES, conv_strategy, linear_strategy, runs_native_layer,
+                       supported_strategies)
 from .strategy import validate as validate_strategy
 
 __all__ = ["Backend", "STRATEGIES", "available_backends", "current_backend", "set_backend",

@@ -22,8 +22,10 @@ import functools
 
 import torch
 
+from ..contraction import native_runner
 from ..contraction.generation import unsupported_reason as implicit_gemm_reason
 from ..errors import AdapterError
+from ..kernels import native_layer
 from . import context
 from .costs import conv_costs, linear_costs, with_launches
 
@@ -102,6 +104,24 @@ def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None,
         layer, impl, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
                                             tuple(int(n) for n in out_spatial),
                                             _launch_bound(impl, device_type))))
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def runs_native_layer(impl, x: torch.Tensor, base: torch.Tensor, cores, frozen) -> bool:
+    """Whether a merged layer runs as one C++ autograd function
+    (:mod:`tenvoo_fast.kernels.native_layer`, the same bits as the ``torch`` op): ``torch``
+    kernels on the CPU with the C++ loops on, the cores, base weight and frozen delta of one
+    fp32 / fp64 dtype, eager (not compiling), no dispatch mode watching (a launch counter
+    counts the portable op's calls)."""
+    if torch.compiler.is_compiling() or impl != "torch" or not native_layer.available():
+        return False
+    if not x.is_cpu or not native_runner.LOOPS or native_runner.watched():
+        return False
+    dtype = base.dtype
+    return dtype in _NATIVE_DTYPES and all(c.dtype == dtype for c in cores) and all(
+        f.dtype == dtype for f in frozen)
 
 
 def _launch_bound(impl, device_type: str) -> bool:

@@ -2,7 +2,8 @@
 
 :func:`backend_for` picks the backend (a measured choice, else the one named in the context,
 else ``auto``'s ranking); :func:`conv_strategy` / :func:`linear_strategy` pick how a fast
-backend executes the layer. Their inputs are the execution context (:mod:`.context`: what the
+backend executes the layer, and :func:`runs_native_layer` whether a merged layer runs as one
+C++ autograd function (the CPU). Their inputs are the execution context (:mod:`.context`: what the
 user asked for with :func:`use_backend` / :func:`use_strategy`), the backends as data
 (:mod:`.backends`), the strategies a layer's family implements, the cost models (:mod:`.costs`)
 and measured decisions (:mod:`.autotune`). :mod:`tenvoo_fast.functional` runs what they decide.
@@ -23,7 +24,7 @@ from .strategy import validate as validate_strategy
 
 __all__ = ["Backend", "STRATEGIES", "available_backends", "current_backend", "set_backend",
            "use_backend", "current_strategy", "use_strategy", "backend_for", "conv_strategy",
-           "linear_strategy", "supported_strategies", "resolve", "autotune",
+           "linear_strategy", "runs_native_layer", "supported_strategies", "resolve", "autotune",
            "WEIGHT_POLICIES", "current_weight_policy", "set_weight_policy", "use_weight_policy"]
 
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import tenvoo_fast
 from tenvoo_fast import use_backend, use_strategy, use_weight_policy
 from tenvoo_fast.contraction import native_runner
 from tenvoo_fast.kernels import native_layer

@@ -92,3 +92,26 @@ def with_launches(costs: dict[str, int], kind: str) -> dict[str, float]:
     launches, kept = TRITON_LAUNCHES[kind], current_weight_policy() == "keep"
     return {s: c + LAUNCH_FLOPS * (launches.get(s, 0) - (kept and s == "merged"))
             for s, c in costs.items()}
+
+
+#: Operator calls per training step of one adapted layer beyond its frozen base that the
+#: ``torch`` kernels issue from Python on the CPU, per strategy (the factorized ones counted on
+#: the CPU: tests/dispatch/test_cpu_costs.py checks them). A merged layer runs as one C++
+#: function there (:mod:`tenvoo_fast.kernels.native_layer`), whose host time (about 0.2 ms for a
+#: small TenVOO-L or QuanTA layer on the development CPU) is charged as that many calls; without
+#: the extension it is the Python op's counted calls.
+CPU_CALLS = {"native": {"conv3d": {"merged": 8, "factorized": 164},
+                        "linear": {"merged": 8, "factorized": 56}},
+             "python": {"conv3d": {"merged": 47, "factorized": 164},
+                        "linear": {"merged": 15, "factorized": 56}}}
+#: The flops one Python-issued operator call is worth on the CPU: ~25 µs of host time per call
+#: (a small layer's factorized step: 1.3 ms for 56 calls) at ~10 Gflop/s (a QuanTA 512x512
+#: merged step: 7 ms for 1e8 flops), both measured on the 2-core development CPU.
+CPU_CALL_FLOPS = 25e-6 * 10e9
+
+
+def with_cpu_calls(costs: dict[str, int], kind: str, native: bool) -> dict[str, float]:
+    """``costs`` plus :data:`CPU_CALL_FLOPS` per Python-issued call of each strategy on the CPU
+    (``native``: merged runs as the C++ function)."""
+    calls = CPU_CALLS["native" if native else "python"][kind]
+    return {s: c + CPU_CALL_FLOPS * calls.get(s, 0) for s, c in costs.items()}

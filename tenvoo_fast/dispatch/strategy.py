@@ -8,7 +8,8 @@
   on chip (:mod:`tenvoo_fast.ops.implicit_gemm`; ``triton`` backend only).
 - ``"auto"`` (default): per layer and input shape, a measured choice (:mod:`.autotune`) where
   there is one, else the cheaper of merged and factorized by the flop models of :mod:`.costs`
-  (with each launch charged on a GPU, where the host's launches bound the step).
+  (with each launch charged on a GPU, where the host's launches bound the step, and each
+  operator call the ``torch`` kernels issue from Python charged on the CPU).
   It does not pick implicit-gemm: no flop model says how a Triton conv compares with cuDNN's,
   so only a measurement or ``use_strategy`` selects it.
 
@@ -27,7 +28,7 @@ from ..contraction.generation import unsupported_reason as implicit_gemm_reason
 from ..errors import AdapterError
 from ..kernels import native_layer
 from . import context
-from .costs import conv_costs, linear_costs, with_launches
+from .costs import conv_costs, linear_costs, with_cpu_calls, with_launches
 
 STRATEGIES = ("auto", "merged", "factorized", "implicit-gemm")
 
@@ -73,18 +74,20 @@ def _implicit_gemm_reason_cached(network) -> str | None:
 # The choices depend only on the network and static shapes: under torch.compile they are made
 # once at trace time and baked into the graph as constants.
 @torch.compiler.assume_constant_result
-def _cheapest_linear(network, tokens: int, activation_equation: str, launches: bool) -> str:
-    costs = linear_costs(network, tokens, activation_equation)
-    if launches:
-        costs = with_launches(costs, "linear")
-    return min(costs, key=costs.get)
+def _cheapest_linear(network, tokens: int, activation_equation: str, host: str | None) -> str:
+    return _cheapest(linear_costs(network, tokens, activation_equation), "linear", host)
 
 
 @torch.compiler.assume_constant_result
-def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple, launches: bool) -> str:
-    costs = conv_costs(network, x_shape, out_spatial)
-    if launches:
-        costs = with_launches(costs, "conv3d")
+def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple, host: str | None) -> str:
+    return _cheapest(conv_costs(network, x_shape, out_spatial), "conv3d", host)
+
+
+def _cheapest(costs: dict, kind: str, host: str | None) -> str:
+    if host == "triton":
+        costs = with_launches(costs, kind)
+    elif host is not None:
+        costs = with_cpu_calls(costs, kind, native=host == "cpu-native")
     return min(costs, key=costs.get)
 
 
@@ -93,7 +96,7 @@ def linear_strategy(layer, tokens: int, impl: str | None = None,
     """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input."""
     return _record(layer, _choose(layer, impl, lambda: _cheapest_linear(
         layer.network, max(int(tokens), 1), layer.activation_equation,
-        _launch_bound(impl, device_type))))
+        _host_charge(impl, device_type))))
 
 
 def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None,
@@ -103,7 +106,7 @@ def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None,
     return _record(layer, _choose(
         layer, impl, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
                                             tuple(int(n) for n in out_spatial),
-                                            _launch_bound(impl, device_type))))
+                                            _host_charge(impl, device_type))))
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -124,9 +127,16 @@ def runs_native_layer(impl, x: torch.Tensor, base: torch.Tensor, cores, frozen) 
         f.dtype == dtype for f in frozen)
 
 
-def _launch_bound(impl, device_type: str) -> bool:
-    """Whether launches are charged (:func:`.costs.with_launches`): Triton kernels on a GPU."""
-    return impl == "triton" and device_type == "cuda"
+def _host_charge(impl, device_type: str) -> str | None:
+    """Which host costs the choice charges besides flops: ``"triton"`` launches on a GPU
+    (:func:`.costs.with_launches`), ``"cpu-native"`` / ``"cpu-python"`` operator calls of the
+    ``torch`` kernels on the CPU (:func:`.costs.with_cpu_calls`; merged as the C++ function or
+    the Python op), else none."""
+    if impl == "triton" and device_type == "cuda":
+        return "triton"
+    if impl == "torch" and device_type == "cpu":
+        return "cpu-native" if native_layer.available() else "cpu-python"
+    return None
 
 
 def _record(layer, choice: str) -> str:

@@ -36,12 +36,14 @@ PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
              ("data", "--data"), ("base_weights", "--base-weights"), ("device", "--device"),
              ("amp", "--amp"), ("seed", "--seed"), ("backend", "--backend"),
              ("strategy", "--strategy"), ("weight_policy", "--weight-policy"),
-             ("autotune", "--autotune"), ("count_launches", "--count-launches"))
+             ("autotune", "--autotune"), ("count_launches", "--count-launches"),
+             ("checkpoint_activations", "--checkpoint-activations"))
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",
             "step_time_s", "volumes_per_s", "peak_memory_bytes", "val_loss", "amp", "backend",
-            "execution", "strategy", "launches")
+            "execution", "strategy", "launches", "saved_for_backward_bytes",
+            "checkpoint_activations")
 
 
 def method_options(opts: argparse.Namespace, method: str) -> FinetuneOptions:
@@ -137,8 +139,8 @@ def markdown_table(profile: dict, details: bool = True) -> str:
     cuda = profile["peak_memory"] == "allocated"
     lines = [
         f"| method | trainable params | % of total | vs {ref} | step time (ms) | vs {ref} "
-        f"| peak memory (MiB) | vs {ref} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| peak memory (MiB) | vs {ref} | saved for backward (MiB) | vs {ref} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
@@ -148,7 +150,9 @@ def markdown_table(profile: dict, details: bool = True) -> str:
             f"| {_fmt(row['step_time_s'], 1000, 1)} "
             f"| {_ratio(row['step_time_s'], first['step_time_s'])} "
             f"| {_fmt(row['peak_memory_bytes'], 2**-20, 1)} "
-            f"| {_ratio(row['peak_memory_bytes'], first['peak_memory_bytes'])} |")
+            f"| {_ratio(row['peak_memory_bytes'], first['peak_memory_bytes'])} "
+            f"| {_fmt(row.get('saved_for_backward_bytes'), 2**-20, 1)} "
+            f"| {_ratio(row.get('saved_for_backward_bytes'), first.get('saved_for_backward_bytes'))} |")
     size = "x".join(map(str, profile["size"]))
     caption = (
         f"{profile['preset']} UNet, {size} volumes, {profile['steps']} optimizer "
@@ -156,7 +160,12 @@ def markdown_table(profile: dict, details: bool = True) -> str:
         f"batch {profile['batch_size']} x accum {profile['accum']}, seed {profile['seed']}, "
         f"on {profile['device']} ({profile['device_name']}), torch "
         f"{profile['versions']['torch']}, {profile['date']}. Step time: median optimizer step "
-        f"after {finetune.WARMUP_STEPS} warm-up steps (n/a with too few steps). ")
+        f"after {finetune.WARMUP_STEPS} warm-up steps (n/a with too few steps). Saved for "
+        "backward: the distinct tensors one micro-batch's forward keeps for its backward "
+        "(autograd's saved tensors, and the inputs a checkpointed block keeps), less what "
+        "the model holds anyway (parameters, buffers, cached T(θ0)); measured on the first step on any device. ")
+    if any(row.get("checkpoint_activations") for row in rows):
+        caption += "The UNet's blocks ran checkpointed (--checkpoint-activations). "
     if cuda:
         caption += ("Peak memory: peak allocated CUDA memory, reset before each method, so each "
                     "row is that method's own peak.")

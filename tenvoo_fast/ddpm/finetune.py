@@ -45,7 +45,9 @@ from ..model import (AdapterConfig, BaseMismatchWarning, adapter_layers, adapter
                      available_memory, count_parameters, execution_plan, inject, load_adapter,
                      unwrap)
 from ..model.config import METHODS as ADAPTER_METHODS
+from ..measure import SavedBytes, held_by
 from . import run_checkpoint
+from .activation_checkpoints import checkpoint_blocks
 from .data import training_volumes
 from .launch_count import counting, summary as launch_summary
 from .profiler import step_profiler
@@ -191,6 +193,7 @@ def _describe(opts, model, identity, size, amp, device, world_size, data, say) -
         targets=identity["targets"], trainable=identity["trainable"], amp=amp, device=str(device),
         world_size=world_size, backend=current_backend(), strategy=current_strategy(),
         weight_policy=current_weight_policy(),
+        checkpoint_activations=opts.checkpoint_activations,
         data=data_description,
         num_train=len(train_set), num_val=len(val_set), lr=opts.lr, batch_size=opts.batch_size,
         accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,
@@ -213,6 +216,7 @@ class _Training:
     start: int
     steps: int
     launches: dict | None = None        # --count-launches: the counted step's report
+    saved_bytes: int | None = None      # what the first micro-batch saved for backward
 
     @classmethod
     def begin(cls, opts, model, state, train_set, amp, device, rank, world_size, say):
@@ -300,12 +304,17 @@ def _train(t: _Training, opts, out: Path, checkpoint, main: bool, world_size: in
                 synchronize(device)
                 began = time.perf_counter()
                 try:
+                    # The first step measures what a micro-batch keeps for backward.
+                    saved = (SavedBytes(held_by(unwrap(t.model))) if step == t.start + 1
+                             else None)
                     with (counting(unwrap(t.model), t.optimizer) if step == counted
                           else nullcontext()) as report:
                         loss, volumes = optimizer_step(t.model, t.batches, t.inferer,
                                                        t.optimizer, t.scaler, t.autocast,
                                                        opts.accum, device, world_size,
-                                                       t.noise_rng)
+                                                       t.noise_rng, saved)
+                    if saved is not None:
+                        t.saved_bytes = saved.bytes
                 except NonFiniteLoss as e:
                     raise RunError(non_finite_message(e, step, t.model, out)) from None
                 synchronize(device)
@@ -354,6 +363,7 @@ def _report(t: _Training, opts, out: Path, identity: dict, metrics: dict, times,
                    execution=execution_plan(t.model), status="finished")
     if t.launches is not None:
         metrics["launches"] = t.launches
+    metrics["saved_for_backward_bytes"] = t.saved_bytes
     say("validation loss: " + (
         f"{val_loss:.4f} ({len(val_set)} volume(s) x {VAL_TIMESTEPS} timesteps)"
         if val_loss is not None else "n/a (no validation volume)"))
@@ -390,6 +400,8 @@ def _build_model(opts, state: dict | None) -> nn.Module:
         if not opts.dry_run:
             _check_training_memory(model, config, opts)
         inject(model, config)
+    if opts.checkpoint_activations:
+        checkpoint_blocks(model)
     return model
 
 

@@ -147,6 +147,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--autotune", action="store_true",
                        help="before training, time every backend and strategy on each adapted "
                             "layer's real input and use the fastest (tenvoo_fast.autotune)")
+    train.add_argument("--checkpoint-activations", action="store_true",
+                       help="keep only each UNet block's inputs for backward and rerun the "
+                            "block there: far less activation memory for one more forward of "
+                            "each block; the same gradients")
     train.add_argument("--amp", choices=tuple(AMP_DTYPES),
                        help="autocast dtype; default bf16 on a GPU, none on the CPU (fp16 uses a "
                             "gradient scaler and needs a GPU)")

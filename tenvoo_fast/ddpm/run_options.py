@@ -50,6 +50,7 @@ class FinetuneOptions:
     weight_policy: str = "recompute"
     autotune: bool = False
     amp: Optional[str] = None
+    checkpoint_activations: bool = False
     # run
     out: str = "runs/finetune"
     resume: bool = False

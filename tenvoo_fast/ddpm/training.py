@@ -143,11 +143,12 @@ def endless_batches(loader: DataLoader, consumed: int):
 
 
 def optimizer_step(model, batches, inferer, optimizer, scaler, autocast, accum, device,
-                    world_size, noise_rng) -> tuple[float, int]:
+                   world_size, noise_rng, saved=None) -> tuple[float, int]:
     """One optimizer step over ``accum`` micro-batches: MSE between predicted and true noise at
     uniformly drawn timesteps. Returns the loss (mean over micro-batches and processes) and the
     number of volumes seen; raises :class:`NonFiniteLoss` before the optimizer step when the
-    loss is not finite."""
+    loss is not finite. ``saved``: a :class:`~tenvoo_fast.measure.SavedBytes` that measures
+    the first micro-batch's forward (what it keeps for its backward)."""
     loss_sum, volumes, seen = torch.zeros((), device=device), 0, []
     for micro in range(accum):
         batch = next(batches)
@@ -161,7 +162,7 @@ def optimizer_step(model, batches, inferer, optimizer, scaler, autocast, accum, 
                                 dtype=images.dtype)
             timesteps = torch.randint(0, SCHEDULER["num_train_timesteps"], (images.shape[0],),
                                       generator=noise_rng, device=device)
-            with autocast():
+            with autocast(), (saved if saved is not None and micro == 0 else nullcontext()):
                 prediction = inferer(inputs=images, diffusion_model=model, noise=noise,
                                      timesteps=timesteps)
             loss = F.mse_loss(prediction.float(), noise)

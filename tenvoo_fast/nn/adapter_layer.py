@@ -194,6 +194,11 @@ class AdapterLayer:
             self._frozen_delta_key = key
         return self._frozen_delta
 
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """Tensors the layer keeps between steps beside its parameters and buffers (the cached
+        T(θ0)): resident memory, not memory a step saves for backward."""
+        return [] if self._frozen_delta is None else [self._frozen_delta]
+
     def effective_weight(self) -> torch.Tensor:
         """``W - T(θ0) + T(θ)`` in fp32 (fp64), differentiable w.r.t. the cores."""
         return reference.effective_weight(self.weight, self.network, list(self.cores),

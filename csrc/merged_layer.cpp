@@ -17,6 +17,7 @@
 #include "tenvoo_fast/run_program.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/extension.h>
 
@@ -71,8 +72,21 @@ struct MergedPlan : torch::CustomClassHolder {
                 "tenvoo_fast MergedPlan: conv geometry needs 3 strides, paddings, dilations");
     TORCH_CHECK(direct || unpack_index.defined(),
                 "tenvoo_fast MergedPlan: no unpack index for a program that unpacks");
+    for (size_t t = 0; t < w; ++t) {
+      TORCH_CHECK(fwd_kind[t] >= -1 && fwd_kind[t] <= kind_scratch() && bwd_kind[t] >= -1 &&
+                      bwd_kind[t] <= kind_grad_t() && fwd_offset[t] >= 0 && bwd_offset[t] >= 0,
+                  "tenvoo_fast MergedPlan: bad place of tensor id ", t);
+    }
+    for (int64_t id : {left[0], right[0], grad_t})
+      TORCH_CHECK(id >= 0 && id < width, "tenvoo_fast MergedPlan: tensor id ", id,
+                  " out of range (", width, " ids)");
   }
 };
+
+// Whether a dispatch mode watches now (a launch counter, a tracer): then every looped
+// instruction is also issued as its ATen call (run_program.cpp), so a backward watched on its
+// own is counted as the Python op's would be. Asked on each call, not at forward time.
+bool watched() { return c10::impl::TorchDispatchModeTLS::stack_len() > 0; }
 
 // The pre-reduced cores (the pre-reduction's sums; a core read as it lies otherwise).
 std::vector<at::Tensor> reduced(const MergedPlan& p, at::TensorList cores) {
@@ -83,7 +97,7 @@ std::vector<at::Tensor> reduced(const MergedPlan& p, at::TensorList cores) {
     if (p.sum_axes[i].empty())
       out.push_back(c.contiguous());
     else
-      out.push_back(at::sum(c.view(p.core_shapes[i]), p.sum_axes[i], /*keepdim=*/false));
+      out.push_back(at::sum(c.reshape(p.core_shapes[i]), p.sum_axes[i], /*keepdim=*/false));
   }
   return out;
 }
@@ -126,7 +140,8 @@ Placed place(const MergedPlan& p, const std::vector<int64_t>& kind,
 }
 
 void run(const at::Tensor& table, const Placed& places) {
-  if (table.defined() && table.numel()) run_program(places.bases, places.offsets, table, true, false);
+  if (table.defined() && table.numel())
+    run_program(places.bases, places.offsets, table, true, watched());
 }
 
 // W + (scale*T - T0) in ``dtype``, T = left @ right (as torch_last_step.build_weight).
@@ -134,7 +149,8 @@ at::Tensor build_weight(const MergedPlan& p, const Placed& places, const at::Ten
                         const at::Tensor& frozen, at::ScalarType dtype) {
   at::Tensor left = places.view(p.left), right = places.view(p.right);
   at::Tensor t = at::empty({p.gemm[0], p.gemm[1], p.gemm[2]}, left.options());
-  matmul_out(left, right, t, true, false);
+  const bool watching = watched();
+  matmul_out(left, right, t, true, watching);
   if (p.scale != 1.0) t.mul_(p.scale);
   at::Tensor view = t.view(p.gemm_shape).permute(p.to_weight);
   at::Tensor out = at::empty(base.sizes(), base.options().dtype(dtype));
@@ -143,7 +159,7 @@ at::Tensor build_weight(const MergedPlan& p, const Placed& places, const at::Ten
     at::Tensor out_l = out.view(p.letters);
     std::optional<at::Tensor> f =
         frozen.defined() ? std::optional<at::Tensor>(frozen_l) : std::nullopt;
-    if (fold_out(view, f, base.view(p.letters), out_l, true, false)) return out;
+    if (fold_out(view, f, base.view(p.letters), out_l, true, watching)) return out;
   }
   if (!frozen.defined()) {
     at::Tensor out_l = out.view(p.letters);

@@ -96,7 +96,7 @@ def linear_strategy(layer, tokens: int, impl: str | None = None,
     """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input."""
     return _record(layer, _choose(layer, impl, lambda: _cheapest_linear(
         layer.network, max(int(tokens), 1), layer.activation_equation,
-        _host_charge(impl, device_type))))
+        _host_charge(impl, device_type, layer))))
 
 
 def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None,
@@ -106,7 +106,7 @@ def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None,
     return _record(layer, _choose(
         layer, impl, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
                                             tuple(int(n) for n in out_spatial),
-                                            _host_charge(impl, device_type))))
+                                            _host_charge(impl, device_type, layer))))
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -122,12 +122,16 @@ def runs_native_layer(impl, x: torch.Tensor, base: torch.Tensor, cores, frozen) 
         return False
     if not x.is_cpu or not native_runner.LOOPS or native_runner.watched():
         return False
+    return _native_dtypes(base, cores, frozen)
+
+
+def _native_dtypes(base, cores, frozen) -> bool:
     dtype = base.dtype
     return dtype in _NATIVE_DTYPES and all(c.dtype == dtype for c in cores) and all(
         f.dtype == dtype for f in frozen)
 
 
-def _host_charge(impl, device_type: str) -> str | None:
+def _host_charge(impl, device_type: str, layer=None) -> str | None:
     """Which host costs the choice charges besides flops: ``"triton"`` launches on a GPU
     (:func:`.costs.with_launches`), ``"cpu-native"`` / ``"cpu-python"`` operator calls of the
     ``torch`` kernels on the CPU (:func:`.costs.with_cpu_calls`; merged as the C++ function or
@@ -135,7 +139,9 @@ def _host_charge(impl, device_type: str) -> str | None:
     if impl == "triton" and device_type == "cuda":
         return "triton"
     if impl == "torch" and device_type == "cpu":
-        return "cpu-native" if native_layer.available() else "cpu-python"
+        native = (native_layer.available() and native_runner.LOOPS
+                  and (layer is None or _native_dtypes(layer.weight, layer.core_list(), ())))
+        return "cpu-native" if native else "cpu-python"
     return None
 
 

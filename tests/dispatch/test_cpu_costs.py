@@ -59,4 +59,11 @@ def test_the_charge_follows_whether_the_cpp_function_is_there(monkeypatch):
     monkeypatch.setattr(native_layer, "_RUN", None)
     assert strategy._host_charge("torch", "cpu") == "cpu-python"
     assert strategy._host_charge("triton", "cuda") == "triton"
+    monkeypatch.undo()
+    # A layer the C++ function does not take (a bf16 base weight) is charged the Python op.
+    layer = CONV_MAKERS["tenvoo-l"](nn.Conv3d(8, 8, 3, padding=1), 4)
+    assert strategy._host_charge("torch", "cpu", layer) == (
+        "cpu-native" if native_layer.available() else "cpu-python")
+    layer.weight.data = layer.weight.data.bfloat16()
+    assert strategy._host_charge("torch", "cpu", layer) == "cpu-python"
     assert strategy._host_charge("native", "cpu") is None

@@ -147,11 +147,49 @@ def test_it_does_not_run_where_dispatch_says_no():
         assert calls.n == 1
 
 
+def test_a_backward_watched_on_its_own_issues_the_programs_calls():
+    """The watch is asked at each call (not at forward time): a launch counter around the
+    backward alone sees the program's matmuls, as it would see the Python op's."""
+    torch.manual_seed(8)
+    layer = CONV_MAKERS["tenvoo-l"](nn.Conv3d(8, 8, 3, padding=1), 4)
+    x = torch.randn(1, 8, 3, 3, 3, requires_grad=True)
+
+    def backward_bmms():
+        with use_backend("torch"), use_strategy("merged"):
+            y = layer(x)
+        with LaunchCounter() as counter:
+            y.sum().backward()
+        return sum(ops.get("bmm", 0) for ops in counter.by_op.values())
+    with _Calls() as calls:
+        native = backward_bmms()
+    assert calls.n == 1
+    with _Disabled():
+        python = backward_bmms()
+    assert native == python > 10
+
+
 def test_a_plan_is_checked():
     plan = native_layer._C.MergedPlan()
     plan.width = 3
     with pytest.raises(RuntimeError, match="place tables must name all 3 tensor ids"):
         plan.check()
+    net = CONV_MAKERS["tenvoo-l"](nn.Conv3d(8, 8, 3, padding=1), 4).network
+    good = native_layer.plan_for(net.equation, net.contraction_shapes, net.scale,
+                                 (1, 1, 1, 1, 1, 1, 1, 1, 1))
+    bad = native_layer._C.MergedPlan()
+    for field in ("n_cores", "core_shapes", "sum_axes", "width", "fwd_kind", "fwd_offset",
+                  "bwd_kind", "bwd_offset", "left", "right", "gemm", "direct", "unpack_index",
+                  "grad_t"):
+        setattr(bad, field, getattr(good, field))
+    bad.check()
+    kinds = list(good.fwd_kind)
+    kinds[-1] = good.n_cores + 3            # dL/dT is no forward place
+    bad.fwd_kind = kinds
+    with pytest.raises(RuntimeError, match="bad place of tensor id"):
+        bad.check()
+    bad.fwd_kind, bad.grad_t = good.fwd_kind, good.width
+    with pytest.raises(RuntimeError, match="out of range"):
+        bad.check()
 
 
 def test_wrong_core_count_is_refused():

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure each layer's backend and strategy first (see finetune)")
     passed.add_argument("--checkpoint-activations", action="store_true", default=None,
                         help="checkpoint the UNet's blocks (see finetune)")
+    passed.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the model (see finetune)")
     passed.add_argument("--seed", type=non_negative_int, help="seed")
     passed.add_argument("--count-launches", action="store_true", default=None,
                         help="count one step's launches, copies, views and host syncs per "

@@ -161,7 +161,7 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
         f"{opts.accum} x {world_size} process(es), Adam lr {opts.lr:g}")
     say("checkpoints: " + describe_interval(opts) + f", and on SIGTERM/SIGINT, into {out}")
     if opts.autotune:
-        _autotune(t.model, train_set, t.inferer, t.autocast, opts, device, say)
+        _autotune(unwrap(t.model), train_set, t.inferer, t.autocast, opts, device, say)
         metrics["autotune"] = autotune.decisions()
     checkpoint = _Checkpointer(t, out, identity, metrics, main, world_size,
                                {"preset": opts.preset, "seed": opts.seed,
@@ -193,7 +193,7 @@ def _describe(opts, model, identity, size, amp, device, world_size, data, say) -
         targets=identity["targets"], trainable=identity["trainable"], amp=amp, device=str(device),
         world_size=world_size, backend=current_backend(), strategy=current_strategy(),
         weight_policy=current_weight_policy(),
-        checkpoint_activations=opts.checkpoint_activations,
+        checkpoint_activations=opts.checkpoint_activations, compile=opts.compile,
         data=data_description,
         num_train=len(train_set), num_val=len(val_set), lr=opts.lr, batch_size=opts.batch_size,
         accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,
@@ -231,6 +231,10 @@ class _Training:
             model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)
+        if opts.compile:
+            # The training forward and backward compiled (inductor); everything that reads
+            # or writes weights goes through unwrap(), so names and files do not change.
+            model = torch.compile(model)
         # Fused Adam: one call per step for all parameters, instead of ~8 per parameter (an
         # adapter has ~10 small tensors per layer; README, "Launches").
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],

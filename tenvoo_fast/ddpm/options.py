@@ -151,6 +151,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep only each UNet block's inputs for backward and rerun the "
                             "block there: far less activation memory for one more forward of "
                             "each block; the same gradients")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (inductor, default mode) for training; "
+                            "validation and checkpoints use the plain model")
     train.add_argument("--amp", choices=tuple(AMP_DTYPES),
                        help="autocast dtype; default bf16 on a GPU, none on the CPU (fp16 uses a "
                             "gradient scaler and needs a GPU)")

@@ -51,6 +51,7 @@ class FinetuneOptions:
     autotune: bool = False
     amp: Optional[str] = None
     checkpoint_activations: bool = False
+    compile: bool = False
     # run
     out: str = "runs/finetune"
     resume: bool = False

@@ -161,5 +161,10 @@ def layer_kind(layer) -> str:
 
 
 def auto_ranking(layer, x: torch.Tensor) -> tuple[str, ...]:
-    """The backends ``auto`` tries for ``layer`` on ``x``'s device, best first."""
-    return AUTO_RANKING.get((x.device.type, layer_kind(layer)), DEFAULT_RANKING)
+    """The backends ``auto`` tries for ``layer`` on ``x``'s device, best first. While
+    ``torch.compile`` traces, the reference goes last: opt_einsum's path search breaks the
+    graph, where the other backends trace as one custom op."""
+    ranking = AUTO_RANKING.get((x.device.type, layer_kind(layer)), DEFAULT_RANKING)
+    if torch.compiler.is_compiling() and "reference" in ranking:
+        ranking = tuple(n for n in ranking if n != "reference") + ("reference",)
+    return ranking

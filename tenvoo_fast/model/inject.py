@@ -15,10 +15,15 @@ _CONFIG_ATTR = "tenvoo_config"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper, if any."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The model inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers,
+    if any (their parameter names carry ``module.`` / ``_orig_mod.``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):   # torch.compile's
+            model = model._orig_mod
+        else:
+            return model
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

@@ -58,9 +58,12 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
 def _keeping_master(fn):
     """``fn`` (a ``Module._apply`` conversion) for cores and frozen copies: where it would cast
     them below fp32, the original tensor is moved as ``fn`` moves it but stays fp32 instead
-    (cast from the original, so no precision is lost on the way)."""
+    (cast from the original, so no precision is lost on the way). Memory formats pass them by:
+    ``model.to(memory_format=torch.channels_last_3d)`` is meant for activations and conv
+    weights, and torch refuses it for the 4-D cores (they stay contiguous, as kernels read
+    them)."""
     def convert(t):
-        out = fn(t)
+        out = fn(t.reshape(-1)).view(t.shape) if t.dim() in (4, 5) else fn(t)
         if out.is_floating_point() and out.element_size() < 4 and t.element_size() >= 4:
             return t.to(device=out.device, dtype=torch.float32)
         return out

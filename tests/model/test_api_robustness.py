@@ -95,6 +95,27 @@ def test_model_to_bf16_keeps_cores_fp32(backend):
         assert 0 < (p - b).abs().max() < 1e-4   # an fp32-sized step of ~lr
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"] + FAST)
+def test_model_to_channels_last_3d(backend):
+    """model.to(memory_format=torch.channels_last_3d) (what 3-D UNets use on GPUs) works on an
+    injected model: conv weights change layout, cores and frozen copies (4-D, for which torch
+    refuses that format) stay as they were, and the model computes the same."""
+    model = _small_model()
+    torch.manual_seed(1)
+    tf.inject(model, _small_config())
+    x = torch.randn(2, 8, 3, 3, 3)
+    with tf.use_backend(backend):
+        before = model(x)
+        model.to(memory_format=torch.channels_last_3d)
+        after = model(x.to(memory_format=torch.channels_last_3d))
+    for layer in tf.adapter_layers(model).values():
+        assert layer.weight.dim() == 2 or layer.weight.is_contiguous(
+            memory_format=torch.channels_last_3d)
+        assert all(p.is_contiguous() for p in layer.cores)
+        assert all(t.is_contiguous() for t in layer.frozen_cores)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
 def test_model_double_and_back_follows_master_rule():
     """.double() makes fp64 cores (as injecting into an fp64 model does); .float() fp32 again;
     .half() keeps them fp32; .to(device) still moves them."""

@@ -70,12 +70,14 @@ class Counts:
         return asdict(self)
 
 
-def classify(func) -> str:
-    """"view", "alloc", "sync", "copy" or "launch" for one ATen overload."""
+def classify(func, args=()) -> str:
+    """"view", "alloc", "sync", "copy" or "launch" for one ATen overload (``args``: the call's,
+    for ops whose shape depends on the data only for some inputs)."""
     name = func._schema.name.split("::")[-1]
     tags = set(getattr(func, "tags", ()))
-    if name in _SYNCING or torch.Tag.data_dependent_output in tags \
-            or torch.Tag.dynamic_output_shape in tags:
+    if name in _SYNCING or torch.Tag.data_dependent_output in tags:
+        return "sync"
+    if torch.Tag.dynamic_output_shape in tags and not _integer_indexing(name, args):
         return "sync"
     if func.is_view or name in ("_unsafe_view", "alias", "detach", "detach_", "lift_fresh"):
         return "view"
@@ -84,6 +86,15 @@ def classify(func) -> str:
     if name in _COPYING:
         return "copy"
     return "launch"
+
+
+def _integer_indexing(name: str, args) -> bool:
+    """``t[idx]`` with integer index tensors: one gather kernel, whose output shape is the
+    indices' (no host wait); a boolean mask's is data-dependent (a sync)."""
+    if name != "index" or len(args) < 2:
+        return False
+    return all(i is None or (isinstance(i, torch.Tensor) and not i.is_floating_point()
+                             and i.dtype not in (torch.bool, torch.uint8)) for i in args[1])
 
 
 def _kernels(func, args) -> int:
@@ -233,7 +244,7 @@ class LaunchCounter(TorchDispatchMode):
 
     def _count(self, func, args, kwargs, out) -> None:
         c = self.counts[self.scope]
-        kind = classify(func)
+        kind = classify(func, args)
         if kind == "view":
             c.views += 1
             return

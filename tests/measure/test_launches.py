@@ -21,6 +21,10 @@ def test_classify():
     assert classify(aten.copy_.default) == "copy"
     assert classify(aten.clone.default) == "copy"
     assert classify(aten._local_scalar_dense.default) == "sync"
+    # Integer indexing gathers (one kernel, no wait); a boolean mask's shape needs the host.
+    t = torch.arange(6.0)
+    assert classify(aten.index.Tensor, (t, [torch.tensor([1, 2])])) == "launch"
+    assert classify(aten.index.Tensor, (t, [t > 2])) == "sync"
     assert classify(aten.nonzero.default) == "sync"
 
 

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Everything a lent GPU is for, in ONE call of at most 8 minutes (a lent GPU has 15 minutes in
 # all, its start included, and one command may run 10). Stages, each under its own time cap:
-#   build   (150 s) - the native extensions in place, CUDA kernels for $CUDA_ARCH (build.log; on
+#   build   (130 s) - the native extensions in place, CUDA kernels for $CUDA_ARCH (build.log; on
 #                     failure the later stages run without the cuda backend);
-#   tests    (90 s) - a fast subset of the GPU oracle tests (tests/kernels/test_cuda.py: TenVOO-L/Q
+#   tests    (60 s) - a fast subset of the GPU oracle tests (tests/kernels/test_cuda.py: TenVOO-L/Q
 #                     and QuanTA against the fp64 oracle in fp32 and bf16, every backend);
-#   paper   (160 s) - the paper preset (128x128x96, bf16): full, TenVOO-L, TenVOO-Q side by side,
-#                     $STEPS steps each, one step counted (--count-launches);
-#   memory   (70 s) - full and TenVOO-L again with --checkpoint-activations (peak memory, bytes
-#                     saved for backward).
-# Optional, not in the default call: layers (300 s) - the layer benchmarks (DDPM shapes, bf16
-# autocast) beside the peft/LyCORIS peers (STAGES=layers, a second call).
+#   paper   (150 s) - the paper preset (128x128x96, bf16): full, TenVOO-L, TenVOO-Q side by side,
+#                     $STEPS steps each, eager, one step counted (--count-launches);
+#   graph    (90 s) - the same three with --graph (each step replayed as a CUDA graph);
+#   memory   (40 s) - TenVOO-L with --checkpoint-activations (peak memory, bytes saved for
+#                     backward; full's and TenVOO-L's without are in the paper stage).
+# Optional, not in the default call (STAGES=compile,layers, a second call):
+#   compile (150 s) - full and TenVOO-L with --compile (inductor compiles the paper UNet's forward
+#                     and backward first: minutes, not measured yet, so it cannot share the
+#                     decisive call);
+#   layers  (300 s) - the layer benchmarks (DDPM shapes, bf16 autocast) beside the peft/LyCORIS
+#                     peers.
 # Raw results (device, versions, date, commands, logs) go to $OUT, to be committed under
-# benchmarks/results/<device>-<date>/. The caps add up to 470 s; a stage that overruns is
-# killed and the next one starts, so the call ends in time whatever happens.
+# benchmarks/results/<device>-<date>/. The default caps add up to 470 s; a stage that overruns
+# is killed and the next one starts, so the call ends in time whatever happens.
 #
 # Usage on the device:   bash benchmarks/gpu_session.sh
 # Rehearsal on a CPU:    REHEARSAL=1 bash benchmarks/gpu_session.sh
@@ -23,7 +28,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}
-STAGES=${STAGES:-build,tests,paper,memory}
+STAGES=${STAGES:-build,tests,paper,graph,memory}
 mkdir -p "$OUT"
 if [[ ${REHEARSAL:-0} == 1 ]]; then
   DEVICE=cpu PRESET=tiny STEPS=${STEPS:-3} CAP_SCALE=${CAP_SCALE:-2}
@@ -44,9 +49,9 @@ if [[ ,$STAGES, == *,build,* ]]; then
   log "build"
   if [[ $DEVICE == cuda ]]; then
     ( time TENVOO_FAST_BUILD_CUDA=1 TENVOO_FAST_CUDA_ARCH="${CUDA_ARCH:-9.0}" MAX_JOBS=16 \
-        timeout "$(cap 150)" python3 setup.py build_ext --inplace ) > "$OUT/build.log" 2>&1
+        timeout "$(cap 130)" python3 setup.py build_ext --inplace ) > "$OUT/build.log" 2>&1
   else
-    ( time TENVOO_FAST_BUILD_CUDA=0 timeout "$(cap 150)" python3 setup.py build_ext --inplace \
+    ( time TENVOO_FAST_BUILD_CUDA=0 timeout "$(cap 130)" python3 setup.py build_ext --inplace \
         ) > "$OUT/build.log" 2>&1
   fi
   log "build: exit $? (tail of $OUT/build.log:)"; tail -3 "$OUT/build.log"
@@ -64,7 +69,7 @@ PY
 
 if [[ ,$STAGES, == *,tests,* ]]; then
   log "tests"
-  timeout "$(cap 90)" python3 -m pytest tests/kernels/test_cuda.py -q -p no:cacheprovider -rs \
+  timeout "$(cap 60)" python3 -m pytest tests/kernels/test_cuda.py -q -p no:cacheprovider -rs \
     -k "tenvoo_conv_on_cuda and (float32 or bfloat16) or quanta_on_cuda and (float32 or \
 bfloat16) or identical_to_base_at_init" 2>&1 | tee "$OUT/tests.log" | tail -4
 fi
@@ -81,15 +86,27 @@ common="--preset $PRESET --device $DEVICE --accum 1 --steps $STEPS"
 [[ $DEVICE == cpu ]] && common="$common --num-volumes 3"
 if [[ ,$STAGES, == *,paper,* ]]; then
   log "paper: $common"
-  timeout "$(cap 160)" $cli profile $common --methods full,tenvoo-l,tenvoo-q --count-launches \
+  timeout "$(cap 150)" $cli profile $common --methods full,tenvoo-l,tenvoo-q --count-launches \
     --out "$OUT/paper" > "$OUT/paper.log" 2>&1
   log "paper: exit $?"; grep -A5 "^| method" "$OUT/paper/profile.md" 2>/dev/null | head -6
 fi
+if [[ ,$STAGES, == *,graph,* ]]; then
+  log "graph: $common --graph"
+  timeout "$(cap 90)" $cli profile $common --methods full,tenvoo-l,tenvoo-q --graph \
+    --out "$OUT/graph" > "$OUT/graph.log" 2>&1
+  log "graph: exit $?"; grep -A5 "^| method" "$OUT/graph/profile.md" 2>/dev/null | head -6
+fi
 if [[ ,$STAGES, == *,memory,* ]]; then
   log "memory: $common --checkpoint-activations"
-  timeout "$(cap 70)" $cli profile $common --methods full,tenvoo-l --checkpoint-activations \
+  timeout "$(cap 40)" $cli profile $common --methods tenvoo-l --checkpoint-activations \
     --out "$OUT/memory" > "$OUT/memory.log" 2>&1
-  log "memory: exit $?"; grep -A4 "^| method" "$OUT/memory/profile.md" 2>/dev/null | head -5
+  log "memory: exit $?"; grep -A3 "^| method" "$OUT/memory/profile.md" 2>/dev/null | head -4
+fi
+if [[ ,$STAGES, == *,compile,* ]]; then
+  log "compile: $common --compile"
+  timeout "$(cap 150)" $cli profile $common --methods full,tenvoo-l --compile \
+    --out "$OUT/compile" > "$OUT/compile.log" 2>&1
+  log "compile: exit $?"; grep -A4 "^| method" "$OUT/compile/profile.md" 2>/dev/null | head -5
 fi
 log "done"
 ls -la "$OUT"

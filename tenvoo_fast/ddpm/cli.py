@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint the UNet's blocks (see finetune)")
     passed.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the model (see finetune)")
+    passed.add_argument("--graph", action="store_true", default=None,
+                        help="capture each step as a CUDA graph (see finetune)")
     passed.add_argument("--seed", type=non_negative_int, help="seed")
     passed.add_argument("--count-launches", action="store_true", default=None,
                         help="count one step's launches, copies, views and host syncs per "

@@ -37,13 +37,14 @@ PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
              ("amp", "--amp"), ("seed", "--seed"), ("backend", "--backend"),
              ("strategy", "--strategy"), ("weight_policy", "--weight-policy"),
              ("autotune", "--autotune"), ("count_launches", "--count-launches"),
-             ("checkpoint_activations", "--checkpoint-activations"), ("compile", "--compile"))
+             ("checkpoint_activations", "--checkpoint-activations"), ("compile", "--compile"),
+             ("graph", "--graph"))
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",
             "step_time_s", "volumes_per_s", "peak_memory_bytes", "val_loss", "amp", "backend",
             "execution", "strategy", "launches", "saved_for_backward_bytes",
-            "checkpoint_activations", "compile")
+            "checkpoint_activations", "compile", "graph")
 
 
 def method_options(opts: argparse.Namespace, method: str) -> FinetuneOptions:
@@ -168,6 +169,9 @@ def markdown_table(profile: dict, details: bool = True) -> str:
         caption += "The UNet's blocks ran checkpointed (--checkpoint-activations). "
     if any(row.get("compile") for row in rows):
         caption += "The model ran under torch.compile (--compile). "
+    if any(row.get("graph") for row in rows):
+        caption += ("Each step ran over static buffers (--graph), replayed as a CUDA graph on "
+                    "a GPU. ")
     if cuda:
         caption += ("Peak memory: peak allocated CUDA memory, reset before each method, so each "
                     "row is that method's own peak.")

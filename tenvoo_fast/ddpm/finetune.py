@@ -55,6 +55,7 @@ from .run_options import FinetuneOptions
 from .run_state import (ADAPTER, METRICS, TRAINED, check_finite_parameters, prepare_out,
                         read_state, restore, rng_states, run_identity, save_checkpoint,
                         weights_name)
+from .static_step import StaticStep
 from .system import gib, mix_seed, peak_memory_bytes, synchronize, versions
 from .training import (SCHEDULER, VAL_TIMESTEPS, Interrupted, NonFiniteLoss, PositionedSampler,
                        Stopper, describe_interval, endless_batches, ignore_sigint,
@@ -89,6 +90,7 @@ def run(opts: FinetuneOptions) -> dict:
                        "use --amp bf16 or --amp none on the CPU")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    _check_graph(opts, amp, world_size)
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -101,6 +103,21 @@ def run(opts: FinetuneOptions) -> dict:
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+def _check_graph(opts, amp: str, world_size: int) -> None:
+    """--graph's limits, said before anything is built."""
+    if not opts.graph:
+        return
+    if amp == "fp16":
+        raise RunError("--graph with --amp fp16: the gradient scaler checks for overflow on the "
+                       "host every step; use --amp bf16 (the GPU default) with --graph")
+    if world_size > 1:
+        raise RunError(f"--graph runs one process, not {world_size} (DDP's all-reduce is not "
+                       "captured); drop --graph under torchrun")
+    if opts.compile:
+        raise RunError("--graph and --compile both remove the step's host overhead; choose "
+                       "one of them")
 
 
 def volume_size(preset: str, size=None) -> tuple[int, ...]:
@@ -194,6 +211,7 @@ def _describe(opts, model, identity, size, amp, device, world_size, data, say) -
         world_size=world_size, backend=current_backend(), strategy=current_strategy(),
         weight_policy=current_weight_policy(),
         checkpoint_activations=opts.checkpoint_activations, compile=opts.compile,
+        graph=opts.graph,
         data=data_description,
         num_train=len(train_set), num_val=len(val_set), lr=opts.lr, batch_size=opts.batch_size,
         accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,
@@ -217,6 +235,7 @@ class _Training:
     steps: int
     launches: dict | None = None        # --count-launches: the counted step's report
     saved_bytes: int | None = None      # what the first micro-batch saved for backward
+    static: StaticStep | None = None    # --graph: the step over static buffers
 
     @classmethod
     def begin(cls, opts, model, state, train_set, amp, device, rank, world_size, say):
@@ -238,7 +257,8 @@ class _Training:
         # Fused Adam: one call per step for all parameters, instead of ~8 per parameter (an
         # adapter has ~10 small tensors per layer; README, "Launches").
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                     lr=opts.lr, fused=True)
+                                     lr=opts.lr, fused=True,
+                                     capturable=opts.graph and device.type == "cuda")
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         # Noise and timesteps come from their own generator (distinct per rank); the data order
         # from the sampler's seed and epoch and the position in the epoch. Both are
@@ -258,9 +278,14 @@ class _Training:
         steps = max(steps, start)  # a resumed run never goes back
         autocast = partial(torch.autocast, device.type, dtype=AMP_DTYPES[amp],
                            enabled=AMP_DTYPES[amp] is not None)
+        inferer = DiffusionInferer(DDPMScheduler(**SCHEDULER))
+        # --graph: eager until the last warm-up step, which captures (so the capture's time
+        # stays out of the median step time, as the warm-up's does).
+        static = (StaticStep(model, inferer, optimizer, autocast, opts.accum, device,
+                             warmup=WARMUP_STEPS - 1) if opts.graph else None)
         return cls(model, optimizer, scaler, noise_rng, run,
-                   endless_batches(loader, consumed=start * opts.accum),
-                   DiffusionInferer(DDPMScheduler(**SCHEDULER)), autocast, device, start, steps)
+                   endless_batches(loader, consumed=start * opts.accum), inferer, autocast,
+                   device, start, steps, static=static)
 
 
 class _Checkpointer:
@@ -313,10 +338,14 @@ def _train(t: _Training, opts, out: Path, checkpoint, main: bool, world_size: in
                              else None)
                     with (counting(unwrap(t.model), t.optimizer) if step == counted
                           else nullcontext()) as report:
-                        loss, volumes = optimizer_step(t.model, t.batches, t.inferer,
-                                                       t.optimizer, t.scaler, t.autocast,
-                                                       opts.accum, device, world_size,
-                                                       t.noise_rng, saved)
+                        if t.static is not None:
+                            loss, volumes = t.static(t.batches, t.noise_rng, saved,
+                                                     eager=step == counted)
+                        else:
+                            loss, volumes = optimizer_step(t.model, t.batches, t.inferer,
+                                                           t.optimizer, t.scaler, t.autocast,
+                                                           opts.accum, device, world_size,
+                                                           t.noise_rng, saved)
                     if saved is not None:
                         t.saved_bytes = saved.bytes
                 except NonFiniteLoss as e:

@@ -154,6 +154,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the model (inductor, default mode) for training; "
                             "validation and checkpoints use the plain model")
+    train.add_argument("--graph", action="store_true",
+                       help="run each optimizer step over static buffers, captured once as a "
+                            "CUDA graph and replayed (one host call per step instead of "
+                            "thousands); on the CPU the same static step runs uncaptured")
     train.add_argument("--amp", choices=tuple(AMP_DTYPES),
                        help="autocast dtype; default bf16 on a GPU, none on the CPU (fp16 uses a "
                             "gradient scaler and needs a GPU)")

@@ -52,6 +52,7 @@ class FinetuneOptions:
     amp: Optional[str] = None
     checkpoint_activations: bool = False
     compile: bool = False
+    graph: bool = False
     # run
     out: str = "runs/finetune"
     resume: bool = False

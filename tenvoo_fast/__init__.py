@@ -16,8 +16,9 @@ from .errors import AdapterError
 from .methods import (LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d, LoRALinear,
                       QuanTALinear, TenVOOConv3d)
 from .model import (AdapterConfig, BaseMismatchWarning, adapter_layers, base_fingerprint,
-                    count_parameters, execution_plan, inject, load_adapter, merge_and_unload,
-                    presets, read_adapter_base, read_adapter_metadata, save_adapter)
+                    count_parameters, execution_plan, fold_frozen, folded_layers, inject,
+                    load_adapter, merge_and_unload, presets, read_adapter_base,
+                    read_adapter_metadata, save_adapter)
 from .nn import AdapterLayer
 
 #: The network builders under their earlier module name (``tf.networks.tenvoo(...)``).
@@ -28,7 +29,7 @@ __all__ = [
     "QuanTALinear", "LoRAConv3d", "LoHaConv3d", "LoKrConv3d", "LoRALinear", "LoHaLinear",
     "LoKrLinear", "inject", "merge_and_unload", "save_adapter", "load_adapter",
     "read_adapter_metadata", "read_adapter_base", "base_fingerprint", "BaseMismatchWarning",
-    "adapter_layers", "execution_plan", "count_parameters",
+    "adapter_layers", "execution_plan", "count_parameters", "fold_frozen", "folded_layers",
     "available_backends",
     "current_backend", "use_backend", "set_backend", "use_strategy", "current_strategy",
     "use_weight_policy", "set_weight_policy", "current_weight_policy", "presets", "autotune", "methods",

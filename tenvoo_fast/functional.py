@@ -73,7 +73,10 @@ def _bias(layer, x):
 
 
 def _frozen_cores(layer) -> list:
-    return [] if layer.frozen_cores is None else list(layer.frozen_cores._buffers.values())
+    """The frozen cores the factorized paths subtract; none once T(θ0) is in the weight."""
+    if layer.frozen_cores is None or layer.frozen_folded:
+        return []
+    return list(layer.frozen_cores._buffers.values())
 
 
 def _frozen_delta(layer, backend) -> list:

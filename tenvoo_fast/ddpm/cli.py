@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint the UNet's blocks (see finetune)")
     passed.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the model (see finetune)")
+    passed.add_argument("--fold-frozen", action="store_true", default=None,
+                        help="fold T(θ0) into fp32 base weights (see finetune)")
     passed.add_argument("--graph", action="store_true", default=None,
                         help="capture each step as a CUDA graph (see finetune)")
     passed.add_argument("--seed", type=non_negative_int, help="seed")

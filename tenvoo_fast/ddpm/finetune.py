@@ -42,7 +42,8 @@ from ..dispatch import (autotune, available_backends, current_backend, current_s
 from ..errors import RunError, one_line
 from ..files import write_json_atomic
 from ..model import (AdapterConfig, BaseMismatchWarning, adapter_layers, adapter_memory,
-                     available_memory, count_parameters, execution_plan, inject, load_adapter,
+                     available_memory, count_parameters, execution_plan, fold_frozen,
+                     folded_layers, inject, load_adapter,
                      unwrap)
 from ..model.config import METHODS as ADAPTER_METHODS
 from ..measure import SavedBytes, held_by
@@ -205,13 +206,16 @@ def _describe(opts, model, identity, size, amp, device, world_size, data, say) -
     say(f"data: {data_description}")
     say(f"parameters: {trainable:,} trainable of {total:,} total; {n_layers} adapted layers")
     say(f"backend: {current_backend()} (available: {', '.join(available_backends())})")
+    if opts.fold_frozen:
+        say(f"--fold-frozen: T(θ0) folded into {len(folded_layers(model))} of {n_layers} adapted "
+            "layers' base weights (the others have no frozen copy or a low-precision base)")
     return dict(
         preset=opts.preset, size=list(size), method=opts.method, rank=identity["rank"],
         targets=identity["targets"], trainable=identity["trainable"], amp=amp, device=str(device),
         world_size=world_size, backend=current_backend(), strategy=current_strategy(),
         weight_policy=current_weight_policy(),
         checkpoint_activations=opts.checkpoint_activations, compile=opts.compile,
-        graph=opts.graph,
+        graph=opts.graph, fold_frozen=bool(folded_layers(model)),
         data=data_description,
         num_train=len(train_set), num_val=len(val_set), lr=opts.lr, batch_size=opts.batch_size,
         accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,
@@ -433,6 +437,10 @@ def _build_model(opts, state: dict | None) -> nn.Module:
         if not opts.dry_run:
             _check_training_memory(model, config, opts)
         inject(model, config)
+    if opts.fold_frozen and opts.method not in BASELINES:
+        # After loading a checkpoint's adapter (a folded model refuses to load one): a resumed
+        # run folds the same W and T(θ0) into the same bits.
+        fold_frozen(model)
     if opts.checkpoint_activations:
         checkpoint_blocks(model)
     return model

@@ -154,6 +154,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the model (inductor, default mode) for training; "
                             "validation and checkpoints use the plain model")
+    train.add_argument("--fold-frozen", action="store_true",
+                       help="fold each frozen copy's T(θ0) into its fp32 base weight instead of "
+                            "keeping it (one fp32 weight-size tensor less per adapted layer; "
+                            "not bit-exact at initialisation; low-precision bases keep theirs)")
     train.add_argument("--graph", action="store_true",
                        help="run each optimizer step over static buffers, captured once as a "
                             "CUDA graph and replayed (one host call per step instead of "

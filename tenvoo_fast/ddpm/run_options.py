@@ -53,6 +53,7 @@ class FinetuneOptions:
     checkpoint_activations: bool = False
     compile: bool = False
     graph: bool = False
+    fold_frozen: bool = False
     # run
     out: str = "runs/finetune"
     resume: bool = False

@@ -19,7 +19,8 @@ def owned_tensors(layer, x: torch.Tensor | None = None, backend=None) -> list[to
         owned.append(layer.bias)
     if layer.frozen_cores is not None:
         owned += list(layer.frozen_cores)
-        owned.append(layer.frozen_delta_weight(backend))
+        if not layer.frozen_folded:
+            owned.append(layer.frozen_delta_weight(backend))
     return owned
 
 

@@ -6,6 +6,7 @@ from . import presets
 from .adapter_file import (BaseMismatchWarning, base_fingerprint, load_adapter,
                            read_adapter_base, read_adapter_metadata, save_adapter)
 from .config import AdapterConfig
+from .fold import fold_frozen, folded_layers
 from .inject import (adapter_layers, adapter_memory, count_parameters, execution_plan,
                      get_config, inject, mark_trainable, merge_and_unload, unwrap)
 from .memory import available_memory
@@ -13,4 +14,5 @@ from .memory import available_memory
 __all__ = ["AdapterConfig", "inject", "merge_and_unload", "mark_trainable", "adapter_layers",
            "adapter_memory", "available_memory", "execution_plan", "count_parameters",
            "get_config", "unwrap", "save_adapter", "load_adapter", "read_adapter_metadata",
-           "read_adapter_base", "base_fingerprint", "BaseMismatchWarning", "presets"]
+           "read_adapter_base", "base_fingerprint", "BaseMismatchWarning", "presets",
+           "fold_frozen", "folded_layers"]

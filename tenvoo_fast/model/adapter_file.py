@@ -60,12 +60,21 @@ def _trained_tensors(model) -> dict[str, torch.Tensor]:
     return tensors
 
 
+#: Where :func:`~tenvoo_fast.model.fold.fold_frozen` keeps the base fingerprint before folding.
+FOLDED_BASE_ATTR = "tenvoo_unfolded_fingerprint"
+
+
 def _fingerprint(model, exclude) -> str | None:
     """sha256 (hex) over the name, dtype, shape and stored bytes of every tensor in the
     unwrapped model's ``state_dict`` whose name is not in ``exclude`` and that is not the same
     tensor as an excluded one (tied weights), in sorted name order, hashed on the CPU. None if
-    one of them is on the meta device (no values to hash)."""
+    one of them is on the meta device (no values to hash). A model whose frozen copies are
+    folded into its weights (:func:`~tenvoo_fast.model.fold.fold_frozen`) answers with the
+    fingerprint taken before folding: its base is still that one."""
     model_ = unwrap(model)
+    folded = getattr(model_, FOLDED_BASE_ATTR, None)
+    if folded is not None and any(m.frozen_folded for m in adapter_layers(model_).values()):
+        return folded
     state = {k: v for k, v in model_.state_dict(keep_vars=True).items()
              if isinstance(v, torch.Tensor)}
     skip = {id(state[k]) for k in exclude if k in state}
@@ -228,6 +237,12 @@ def load_adapter(model, path: str | os.PathLike, *, base_mismatch: str = "warn")
         raise AdapterError(f"load_adapter: base_mismatch must be one of {list(BASE_MISMATCH)}, "
                            f"got {base_mismatch!r}")
     config, saved_layers = read_adapter_metadata(path)
+    folded = [n for n, m in adapter_layers(model).items() if m.frozen_folded]
+    if folded:
+        raise AdapterError(f"{os.fspath(path)}: {folded[0]} (and {len(folded) - 1} more) has its "
+                           "frozen copy folded into the base weight (fold_frozen), so another "
+                           "adapter's frozen copy cannot replace it; load the file into an "
+                           "unfolded model, then fold")
     current = get_config(model)
     if current is None:
         inject(model, config)

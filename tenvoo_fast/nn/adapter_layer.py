@@ -96,6 +96,26 @@ def check_adaptable(module, kind: type, cls_name: str, name: str) -> None:
                            "adapt the original layer, or merge_and_unload first")
 
 
+def _mark_folded(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: record in the metadata that the saved weight is W - T(θ0)."""
+    if getattr(module, "frozen_folded", False):
+        local_metadata["tenvoo_frozen_folded"] = True
+
+
+def _check_folded(module, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                  errors) -> None:
+    """load_state_dict pre-hook: a weight saved folded loads only into a folded layer, and an
+    unfolded one only into an unfolded layer (else the model would be silently wrong)."""
+    saved = bool(local_metadata.get("tenvoo_frozen_folded", False))
+    if prefix + "weight" in state_dict and saved != getattr(module, "frozen_folded", False):
+        where = prefix[:-1] or module.adapter_name
+        raise AdapterError(
+            f"{where}: the state_dict's weight is {'W - T(θ0) (folded)' if saved else 'W'}, "
+            f"but this layer {'is' if not saved else 'is not'} folded; call "
+            "tenvoo_fast.fold_frozen on the model the same way before loading (or load the "
+            "adapter file with load_adapter)")
+
+
 class AdapterLayer:
     """Mixin for adapted ``nn.Conv3d`` / ``nn.Linear`` layers; see the module docstring."""
 
@@ -145,6 +165,10 @@ class AdapterLayer:
         self.frozen_cores = BufferList([t.detach().clone() for t in tensors]) if frozen_copy else None
         self._frozen_delta = None
         self._frozen_delta_key = None
+        #: T(θ0) is folded into ``weight`` (:meth:`fold_frozen`): the weight holds W - T(θ0).
+        self.frozen_folded = False
+        self._register_state_dict_hook(_mark_folded)
+        self._register_load_state_dict_pre_hook(_check_folded, with_module=True)
         w.requires_grad_(False)
 
     def _apply(self, fn, recurse=True):
@@ -153,6 +177,14 @@ class AdapterLayer:
         master weights, fp32 (fp64 under ``.double()``), never bf16/fp16. The cores keep their
         Parameter objects (as torch does, unless its overwrite-on-conversion flag is set), so
         optimisers that hold them keep working."""
+        if getattr(self, "frozen_folded", False):
+            probe = fn(self.weight.detach().new_empty(0))
+            if probe.is_floating_point() and probe.element_size() < 4:
+                raise AdapterError(
+                    f"{self.adapter_name}: the frozen copy is folded into this layer's fp32 "
+                    f"weight, and casting it to {probe.dtype} would destroy the base weight "
+                    "(W - T(θ0) is a small difference of large terms); keep the model fp32 "
+                    "and train under autocast, or cast an unfolded model")
         if recurse:
             masters = [m for m in (self.cores, self.frozen_cores) if m is not None]
             for module in self.children():
@@ -179,7 +211,7 @@ class AdapterLayer:
         two cancel exactly at initialisation. Cached: recomputed only when the frozen cores
         change (load, ``.to()``) or another backend asks, never per step.
         """
-        if self.frozen_cores is None:
+        if self.frozen_cores is None or self.frozen_folded:
             return None
         backend = backend or get_backend("reference")
         frozen = list(self.frozen_cores._buffers.values())
@@ -196,6 +228,25 @@ class AdapterLayer:
                     self.network, [t.to(dtype) for t in frozen], backend)
             self._frozen_delta_key = key
         return self._frozen_delta
+
+    @torch.no_grad()
+    def fold_frozen(self) -> bool:
+        """Fold T(θ0) into the base weight, W <- round(W - T(θ0)) (T(θ0) and the difference in
+        fp64), and stop keeping T(θ0): one weight-size fp32 tensor less per layer. Only for an
+        fp32/fp64 base (a bf16/fp16 one would lose W: returns False and keeps the copy), and
+        only once. Not exact: W - T(θ0) is a large number whose rounding (up to half an ulp of
+        T(θ0)) the unfolded layer, which adds the exact zero ``T(θ0) - T(θ0)`` at
+        initialisation, does not make. The frozen cores stay (adapter files need them)."""
+        w = self.weight
+        if self.frozen_cores is None or self.frozen_folded or w.dtype not in (torch.float32,
+                                                                              torch.float64):
+            return False
+        frozen = [t.to(torch.float64) for t in self.frozen_cores]
+        folded = w.to(torch.float64) - reference.delta_weight(self.network, frozen).to(w.device)
+        w.copy_(folded.reshape(w.shape))
+        self.frozen_folded = True
+        self._frozen_delta = self._frozen_delta_key = None
+        return True
 
     def cached_tensors(self) -> list[torch.Tensor]:
         """Tensors the layer keeps between steps beside its parameters and buffers (the cached

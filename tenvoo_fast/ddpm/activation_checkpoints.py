@@ -46,6 +46,10 @@ def _checkpointed(forward):
             return forward(*args, **kwargs)
         # What the checkpoint keeps (its inputs), for a saved-bytes measurement.
         note_kept(list(args) + list(kwargs.values()))
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        # Under CUDA graph capture (--graph) the RNG state cannot be read before torch 2.10;
+        # the UNet's blocks draw no random numbers (no dropout), so there is nothing to keep.
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return checkpoint(forward, *args, use_reentrant=False,
+                          preserve_rng_state=not capturing, **kwargs)
     run.checkpointed = True
     return run

@@ -240,6 +240,7 @@ class _Training:
     launches: dict | None = None        # --count-launches: the counted step's report
     saved_bytes: int | None = None      # what the first micro-batch saved for backward
     static: StaticStep | None = None    # --graph: the step over static buffers
+    graph_failure_said: bool = False
 
     @classmethod
     def begin(cls, opts, model, state, train_set, amp, device, rank, world_size, say):
@@ -283,10 +284,12 @@ class _Training:
         autocast = partial(torch.autocast, device.type, dtype=AMP_DTYPES[amp],
                            enabled=AMP_DTYPES[amp] is not None)
         inferer = DiffusionInferer(DDPMScheduler(**SCHEDULER))
-        # --graph: eager until the last warm-up step, which captures (so the capture's time
-        # stays out of the median step time, as the warm-up's does).
+        # --graph: eager until the last warm-up step, which captures (its time stays out of
+        # the median step time, as the warm-up's does); with --count-launches the counted step
+        # runs eagerly first (counting a replay would see one call).
         static = (StaticStep(model, inferer, optimizer, autocast, opts.accum, device,
-                             warmup=WARMUP_STEPS - 1) if opts.graph else None)
+                             warmup=WARMUP_STEPS + 1 if opts.count_launches else WARMUP_STEPS - 1)
+                  if opts.graph else None)
         return cls(model, optimizer, scaler, noise_rng, run,
                    endless_batches(loader, consumed=start * opts.accum), inferer, autocast,
                    device, start, steps, static=static)
@@ -356,11 +359,19 @@ def _train(t: _Training, opts, out: Path, checkpoint, main: bool, world_size: in
                     raise RunError(non_finite_message(e, step, t.model, out)) from None
                 synchronize(device)
                 elapsed = time.perf_counter() - began
+                captured = t.static is not None and t.static.captured_last_call
                 if step == counted:
                     t.launches = report
                     say(f"step {step} counted: " + launch_summary(report))
-                else:
-                    times.append(elapsed)
+                elif not (captured and step > t.start + WARMUP_STEPS):
+                    times.append(elapsed)       # a capture's time is not a step's
+                if captured:
+                    say(f"step {step}: captured as a CUDA graph" if device.type == "cuda"
+                        else f"step {step}: static step set up (captured on a GPU)")
+                if t.static is not None and t.static.failure and not t.graph_failure_said:
+                    t.graph_failure_said = True
+                    say(f"--graph: capturing the step failed ({t.static.failure}); the run "
+                        "goes on eagerly")
                 t.run["losses"].append(loss)
                 memory = peak_memory_bytes(device)
                 if bar is not None:
@@ -401,6 +412,9 @@ def _report(t: _Training, opts, out: Path, identity: dict, metrics: dict, times,
     if t.launches is not None:
         metrics["launches"] = t.launches
     metrics["saved_for_backward_bytes"] = t.saved_bytes
+    if t.static is not None:
+        metrics["graph_captures"] = t.static.captures
+        metrics["graph_failure"] = t.static.failure
     say("validation loss: " + (
         f"{val_loss:.4f} ({len(val_set)} volume(s) x {VAL_TIMESTEPS} timesteps)"
         if val_loss is not None else "n/a (no validation volume)"))

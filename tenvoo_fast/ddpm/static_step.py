@@ -15,21 +15,24 @@ step as :func:`~tenvoo_fast.ddpm.training.optimizer_step` over buffers it owns:
   step does, with the parameters untouched.
 
 On CUDA the first calls run the body eagerly (warm-up: optimizer state, Triton compilation,
-cached tables), then it is captured and replayed; it is captured again when what it was
-captured over changes (:meth:`StaticStep.key`: parameter and buffer addresses, dtypes and
-devices, the frozen copies, the learning rates, the batch shape, the dispatch choices), e.g.
-after ``load_adapter`` or ``.to()``. On the CPU nothing is captured: the body runs eagerly each
-step, which is what tests compare bit for bit with the eager step, and what the sync detector
-(``LaunchCounter``'s host syncs) watches.
+cached tables), then it is captured and replayed. When what it was captured over changes
+(:meth:`StaticStep.key`: every address the graph reads, the learning rates, the dispatch
+choices), e.g. after ``load_adapter``, ``.to()`` or an epoch's short last batch, that step runs
+eagerly (warming up whatever changed) and the next one with the same key captures again. A
+capture that fails leaves the run eager, with the reason in :attr:`StaticStep.failure`. On the
+CPU nothing is captured: the body runs eagerly each step, which is what tests compare bit for
+bit with the eager step, and what the sync detector (``LaunchCounter``'s host syncs) watches.
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from ..dispatch import context as dispatch_context
+from ..errors import one_line
 from ..model import adapter_layers, unwrap
 from .training import SCHEDULER, NonFiniteLoss
 
@@ -38,7 +41,8 @@ class StaticStep:
     """``step(batches, noise_rng, saved=None, eager=False) -> (loss, volumes)``: one optimizer
     step over ``accum`` micro-batches (see the module docstring). ``eager=True`` runs the body
     without replaying (a counted or measured step); ``warmup``: eager calls before the first
-    capture."""
+    capture. A step whose :meth:`key` differs from the captured one runs eagerly (and warms up
+    what changed); the next call with that same key captures it."""
 
     def __init__(self, model, inferer, optimizer, autocast, accum: int, device: torch.device,
                  warmup: int = 1):
@@ -48,64 +52,85 @@ class StaticStep:
         self.calls = 0
         #: How many times the step was captured (on the CPU: would have been).
         self.captures = 0
+        #: Whether the last call captured (its time is the capture's, not a step's).
+        self.captured_last_call = False
+        #: Why capturing failed, if it did (the run then goes on eagerly).
+        self.failure = None
         self.graph = None
-        self._key = None
-        self.images = self.noise = self.timesteps = None
+        self._captured = self._seen = None
+        self._buffers: dict = {}        # (micro-batch, shape, dtype) -> (images, noise, timesteps)
+        self._now: list = []            # this step's buffers, per micro-batch
         self.loss = torch.zeros((), device=device)
         self.found_inf = torch.zeros((), device=device)
         # Adam skips its step (and does not count it) where found_inf is 1.
         optimizer.found_inf = self.found_inf
+        if self.capture:
+            # A checkpoint saved without --graph restores capturable=False; fused Adam keeps its
+            # step counts on the device either way, and capture requires the flag.
+            for group in optimizer.param_groups:
+                group["capturable"] = True
         self._stream = torch.cuda.Stream(device) if self.capture else None
 
     # -- host side ----------------------------------------------------------------------------
     def _fill(self, batches, noise_rng) -> list:
-        seen = []
+        seen, self._now = [], []
         for m in range(self.accum):
             batch = next(batches)
             seen.append(batch)
-            if (self.images is None or self.images.shape[1:] != batch.shape
-                    or self.images.dtype != batch.dtype):
-                self._allocate(batch)
-            self.images[m].copy_(batch, non_blocking=True)
+            # One buffer per micro-batch and shape: an epoch's short last batch gets its own,
+            # and the captured step's buffers stay where the graph reads them.
+            key = (m, tuple(batch.shape), batch.dtype)
+            if key not in self._buffers:
+                self._buffers[key] = (
+                    torch.empty(batch.shape, dtype=batch.dtype, device=self.device),
+                    torch.empty(batch.shape, dtype=batch.dtype, device=self.device),
+                    torch.empty(batch.shape[0], dtype=torch.int64, device=self.device))
+            images, noise, timesteps = self._buffers[key]
+            self._now.append((images, noise, timesteps))
+            images.copy_(batch, non_blocking=True)
             # The eager step's draws, in its order: noise, then timesteps, per micro-batch.
-            torch.randn(batch.shape, generator=noise_rng, device=self.device,
-                        dtype=self.images.dtype, out=self.noise[m])
+            torch.randn(batch.shape, generator=noise_rng, device=self.device, dtype=batch.dtype,
+                        out=noise)
             torch.randint(0, SCHEDULER["num_train_timesteps"], (batch.shape[0],),
-                          generator=noise_rng, device=self.device, out=self.timesteps[m])
+                          generator=noise_rng, device=self.device, out=timesteps)
         return seen
 
-    def _allocate(self, batch: torch.Tensor) -> None:
-        shape = (self.accum, *batch.shape)
-        self.images = torch.empty(shape, dtype=batch.dtype, device=self.device)
-        self.noise = torch.empty(shape, dtype=batch.dtype, device=self.device)
-        self.timesteps = torch.empty((self.accum, batch.shape[0]), dtype=torch.int64,
-                                     device=self.device)
-
     def key(self) -> tuple:
-        """What a captured graph depends on beyond the buffers' contents."""
+        """Everything a captured graph reads by address, or bakes in, beyond the buffers'
+        contents: this step's buffers; every parameter, gradient and buffer of the model and
+        the optimizer's state (address, dtype, shape, requires_grad); the adapters' frozen
+        copies (version, folded) and cached T(θ0); the scheduler's table; the learning rates;
+        the dispatch choices."""
         model = unwrap(self.model)
-        tensors = [*model.parameters(), *model.buffers()]
-        frozen = tuple((name, layer.frozen_cores is not None and
-                        tuple(t._version for t in layer.frozen_cores))
-                       for name, layer in adapter_layers(model).items())
+
+        def where(t):
+            return None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape))
+
+        params = tuple((where(p), where(p.grad), p.requires_grad) for p in model.parameters())
+        state = tuple(where(t) for s in self.optimizer.state.values() for t in s.values()
+                      if isinstance(t, torch.Tensor))
+        layers = tuple((layer.frozen_folded, layer.frozen_cores is not None and
+                        tuple(t._version for t in layer.frozen_cores),
+                        tuple(where(t) for t in layer.cached_tensors()))
+                       for layer in adapter_layers(model).values())
+        table = getattr(self.inferer.scheduler, "alphas_cumprod", None)
         ctx = dispatch_context.CONTEXT
-        return (tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors),
-                frozen, tuple(g["lr"] for g in self.optimizer.param_groups),
-                tuple(self.images.shape), self.images.dtype, (ctx.backend, ctx.strategy, ctx.weight_policy),
-                torch.is_grad_enabled())
+        return (tuple(tuple(where(t) for t in b) for b in self._now), params,
+                tuple(where(t) for t in model.buffers()), state, layers, where(table),
+                tuple(g["lr"] for g in self.optimizer.param_groups),
+                (ctx.backend, ctx.strategy, ctx.weight_policy), torch.is_grad_enabled())
 
     # -- the step -----------------------------------------------------------------------------
     def body(self, saved=None) -> None:
-        """Forward, backward and optimizer step over the static buffers; no host sync."""
+        """Forward, backward and optimizer step over this step's buffers; no host sync."""
         self.optimizer.zero_grad(set_to_none=False)
         self.loss.zero_()
-        for m in range(self.accum):
-            noise = self.noise[m]
+        for m, (images, noise, timesteps) in enumerate(self._now):
             # No autocast weight cache: a captured graph must not hold casts made outside it.
             with self.autocast(cache_enabled=False), \
                     (saved if saved is not None and m == 0 else nullcontext()):
-                prediction = self.inferer(inputs=self.images[m], diffusion_model=self.model,
-                                          noise=noise, timesteps=self.timesteps[m])
+                prediction = self.inferer(inputs=images, diffusion_model=self.model,
+                                          noise=noise, timesteps=timesteps)
             loss = F.mse_loss(prediction.float(), noise)
             (loss / self.accum).backward()
             self.loss += loss.detach()
@@ -114,34 +139,54 @@ class StaticStep:
         self.optimizer.step()
 
     def _run(self, saved, eager: bool) -> None:
-        replay = self.calls > self.warmup and not eager
-        if replay:
+        self.captured_last_call = False
+        if not eager and self.calls > self.warmup and self.failure is None:
             key = self.key()
-            if key != self._key:
-                if self.capture:
-                    self._capture()
-                self._key, self.captures = key, self.captures + 1
-        if replay and self.capture:
-            self.graph.replay()
-        elif self.capture:
-            self._on_side_stream(lambda: self.body(saved))
-        else:
-            self.body(saved)
+            if key == self._captured:
+                self._replay()
+                return
+            if key == self._seen:               # the state an eager step ran on and left
+                self._capture(key)
+                if self.failure is None:
+                    self._replay()
+                    return
+        self._eager(saved)
+        self._seen = self.key() if self.failure is None else None
 
-    def _on_side_stream(self, fn) -> None:
+    def _eager(self, saved) -> None:
+        if not self.capture:
+            self.body(saved)
+            return
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            fn()
+            self.body(saved)
         torch.cuda.current_stream(self.device).wait_stream(stream)
 
-    def _capture(self) -> None:
+    def _replay(self) -> None:
+        if self.capture:
+            self.graph.replay()
+        else:
+            self.body()
+
+    def _capture(self, key) -> None:
+        self.captured_last_call = True
+        self.captures += 1
+        self._captured = key
+        if not self.capture:
+            return
         self.graph = None
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pin-memory thread may call CUDA while this captures.
-        with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
-            self.body()
+        try:
+            # thread_local: the DataLoader's pin-memory thread may call CUDA meanwhile.
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                self.body()
+        except RuntimeError as e:       # e.g. an operation that cannot be captured
+            self.failure = one_line(e)
+            self._captured = None
+            torch.cuda.synchronize(self.device)
+            return
         self.graph = graph
 
     def __call__(self, batches, noise_rng, saved=None, eager: bool = False):
@@ -149,6 +194,6 @@ class StaticStep:
         seen = self._fill(batches, noise_rng)
         self._run(saved, eager)
         value = self.loss.item()                # read after the step, outside it
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise NonFiniteLoss(value, all(bool(torch.isfinite(b).all()) for b in seen))
         return value, sum(b.shape[0] for b in seen)

@@ -104,6 +104,7 @@ def test_a_non_finite_loss_skips_the_step_on_the_device_and_raises():
 
 
 def test_captures_again_after_load_adapter_and_to(tmp_path):
+    """A changed step runs eagerly once (warming up what changed), then is captured again."""
     model = _model()
     inferer, optimizer = _parts(model)
     static = StaticStep(model, inferer, optimizer, NO_AMP, 1, CPU, warmup=1)
@@ -115,12 +116,39 @@ def test_captures_again_after_load_adapter_and_to(tmp_path):
     save_adapter(other, tmp_path / "a.safetensors")
     load_adapter(model, tmp_path / "a.safetensors", base_mismatch="ignore")
     static(batches, rng)
-    assert static.captures == 2
+    assert static.captures == 1 and not static.captured_last_call
+    static(batches, rng)
+    assert static.captures == 2 and static.captured_last_call
     static(batches, rng)
     assert static.captures == 2
     model.to(memory_format=torch.channels_last_3d)     # new storage for every conv weight
     static(batches, rng)
+    static(batches, rng)
     assert static.captures == 3
+
+
+def test_a_short_batch_gets_its_own_buffers_and_matches_eager():
+    """An epoch's short last batch: its own buffers (the captured ones stay valid), the same
+    losses and parameters as the eager step, and the full-size step is not captured again."""
+    def uneven():
+        g, k = torch.Generator().manual_seed(3), 0
+        while True:
+            k += 1
+            yield torch.rand(1 if k % 3 == 0 else 2, 1, 16, 16, 16, generator=g)
+    eager_model = _model()
+    static_model = copy.deepcopy(eager_model)
+    inferer, eager_opt = _parts(eager_model)
+    _, static_opt = _parts(static_model)
+    static = StaticStep(static_model, inferer, static_opt, NO_AMP, 2, CPU, warmup=1)
+    eager_rng, static_rng = (torch.Generator().manual_seed(7) for _ in range(2))
+    eager_batches, static_batches = uneven(), uneven()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(6):
+        expected = optimizer_step(eager_model, eager_batches, inferer, eager_opt, scaler, NO_AMP,
+                                  2, CPU, 1, eager_rng)
+        assert static(static_batches, static_rng) == expected
+    for a, b in zip(eager_model.parameters(), static_model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_finetune_graph_matches_eager(tmp_path):

@@ -95,28 +95,41 @@ class StaticStep:
                           generator=noise_rng, device=self.device, out=timesteps)
         return seen
 
+    def _slots(self) -> None:
+        """Where the model keeps its parameters, buffers and adapter layers (looked up once:
+        the model's module structure is fixed once training starts; a tensor replaced in its
+        slot, as ``.to()`` does, is seen by :meth:`key`)."""
+        model = unwrap(self.model)
+        self._param_slots = [(m._parameters, n) for m in model.modules()
+                             for n, p in m._parameters.items() if p is not None]
+        self._buffer_slots = [(m._buffers, n) for m in model.modules()
+                              for n, b in m._buffers.items() if b is not None]
+        self._layers = list(adapter_layers(model).values())
+
     def key(self) -> tuple:
         """Everything a captured graph reads by address, or bakes in, beyond the buffers'
         contents: this step's buffers; every parameter, gradient and buffer of the model and
-        the optimizer's state (address, dtype, shape, requires_grad); the adapters' frozen
-        copies (version, folded) and cached T(θ0); the scheduler's table; the learning rates;
-        the dispatch choices."""
-        model = unwrap(self.model)
+        the optimizer's state (address and dtype; requires_grad); the adapters' frozen copies
+        (version, folded) and cached T(θ0); the scheduler's table; the learning rates; the
+        dispatch choices. Plain pointers and flags: it runs before every step."""
+        if not hasattr(self, "_param_slots"):
+            self._slots()
 
         def where(t):
-            return None if t is None else (t.data_ptr(), t.dtype, tuple(t.shape))
+            return 0 if t is None else (t.data_ptr(), t.dtype)
 
-        params = tuple((where(p), where(p.grad), p.requires_grad) for p in model.parameters())
-        state = tuple(where(t) for s in self.optimizer.state.values() for t in s.values()
-                      if isinstance(t, torch.Tensor))
-        layers = tuple((layer.frozen_folded, layer.frozen_cores is not None and
-                        tuple(t._version for t in layer.frozen_cores),
-                        tuple(where(t) for t in layer.cached_tensors()))
-                       for layer in adapter_layers(model).values())
+        params = [(where(p), where(p.grad), p.requires_grad)
+                  for p in (d[n] for d, n in self._param_slots)]
+        buffers = [where(d[n]) for d, n in self._buffer_slots]
+        state = [where(t) for s in self.optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor)]
+        layers = [(layer.frozen_folded, layer.frozen_cores is not None and
+                   tuple(t._version for t in layer.frozen_cores),
+                   tuple(where(t) for t in layer.cached_tensors())) for layer in self._layers]
         table = getattr(self.inferer.scheduler, "alphas_cumprod", None)
         ctx = dispatch_context.CONTEXT
-        return (tuple(tuple(where(t) for t in b) for b in self._now), params,
-                tuple(where(t) for t in model.buffers()), state, layers, where(table),
+        return (tuple(tuple(where(t) for t in b) for b in self._now), tuple(params),
+                tuple(buffers), tuple(state), tuple(layers), where(table),
                 tuple(g["lr"] for g in self.optimizer.param_groups),
                 (ctx.backend, ctx.strategy, ctx.weight_policy), torch.is_grad_enabled())
 

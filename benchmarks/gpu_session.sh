@@ -10,7 +10,8 @@
 #   graph    (90 s) - the same three with --graph (each step replayed as a CUDA graph);
 #   memory   (40 s) - TenVOO-L with --checkpoint-activations (peak memory, bytes saved for
 #                     backward; full's and TenVOO-L's without are in the paper stage).
-# Optional, not in the default call (STAGES=compile,layers, a second call):
+# Optional, not in the default call (STAGES=channels,compile,layers, a second call):
+#   channels (90 s) - full and TenVOO-L with --graph --channels-last (cuDNN's 3-D layout);
 #   compile (150 s) - full and TenVOO-L with --compile (inductor compiles the paper UNet's forward
 #                     and backward first: minutes, not measured yet, so it cannot share the
 #                     decisive call);
@@ -101,6 +102,12 @@ if [[ ,$STAGES, == *,memory,* ]]; then
   timeout "$(cap 40)" $cli profile $common --methods tenvoo-l --checkpoint-activations \
     --out "$OUT/memory" > "$OUT/memory.log" 2>&1
   log "memory: exit $?"; grep -A3 "^| method" "$OUT/memory/profile.md" 2>/dev/null | head -4
+fi
+if [[ ,$STAGES, == *,channels,* ]]; then
+  log "channels: $common --graph --channels-last"
+  timeout "$(cap 90)" $cli profile $common --methods full,tenvoo-l --graph --channels-last \
+    --out "$OUT/channels" > "$OUT/channels.log" 2>&1
+  log "channels: exit $?"; grep -A4 "^| method" "$OUT/channels/profile.md" 2>/dev/null | head -5
 fi
 if [[ ,$STAGES, == *,compile,* ]]; then
   log "compile: $common --compile"

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the model (see finetune)")
     passed.add_argument("--fold-frozen", action="store_true", default=None,
                         help="fold T(θ0) into fp32 base weights (see finetune)")
+    passed.add_argument("--channels-last", action="store_true", default=None,
+                        help="the UNet in channels_last_3d (see finetune)")
     passed.add_argument("--graph", action="store_true", default=None,
                         help="capture each step as a CUDA graph (see finetune)")
     passed.add_argument("--seed", type=non_negative_int, help="seed")

@@ -38,13 +38,14 @@ PASSED_ON = (("rank", "--rank"), ("size", "--size"), ("accum", "--accum"),
              ("strategy", "--strategy"), ("weight_policy", "--weight-policy"),
              ("autotune", "--autotune"), ("count_launches", "--count-launches"),
              ("checkpoint_activations", "--checkpoint-activations"), ("compile", "--compile"),
-             ("graph", "--graph"), ("fold_frozen", "--fold-frozen"))
+             ("graph", "--graph"), ("fold_frozen", "--fold-frozen"),
+             ("channels_last", "--channels-last"))
 
 #: The numbers a row keeps from each method's metrics.
 ROW_KEYS = ("method", "trainable_params", "total_params", "adapted_layers", "steps",
             "step_time_s", "volumes_per_s", "peak_memory_bytes", "val_loss", "amp", "backend",
             "execution", "strategy", "launches", "saved_for_backward_bytes",
-            "checkpoint_activations", "compile", "graph", "fold_frozen")
+            "checkpoint_activations", "compile", "graph", "fold_frozen", "channels_last")
 
 
 def method_options(opts: argparse.Namespace, method: str) -> FinetuneOptions:
@@ -171,6 +172,8 @@ def markdown_table(profile: dict, details: bool = True) -> str:
         caption += "The model ran under torch.compile (--compile). "
     if any(row.get("fold_frozen") for row in rows):
         caption += "T(θ0) was folded into the fp32 base weights (--fold-frozen). "
+    if any(row.get("channels_last") for row in rows):
+        caption += "The UNet ran in channels_last_3d (--channels-last). "
     if any(row.get("graph") for row in rows):
         caption += ("Each step ran over static buffers (--graph), replayed as a CUDA graph on "
                     "a GPU. ")

@@ -216,6 +216,7 @@ def _describe(opts, model, identity, size, amp, device, world_size, data, say) -
         weight_policy=current_weight_policy(),
         checkpoint_activations=opts.checkpoint_activations, compile=opts.compile,
         graph=opts.graph, fold_frozen=bool(folded_layers(model)),
+        channels_last=opts.channels_last,
         data=data_description,
         num_train=len(train_set), num_val=len(val_set), lr=opts.lr, batch_size=opts.batch_size,
         accum=opts.accum, seed=opts.seed, dry_run=opts.dry_run, trainable_params=trainable,
@@ -250,6 +251,10 @@ class _Training:
         from monai.networks.schedulers import DDPMScheduler
 
         model.to(device)
+        if opts.channels_last:
+            # cuDNN's 3-D convs run channels-last; without this they convert layouts around
+            # every conv whose neighbours (the adapters' outputs) are already channels-last.
+            model.to(memory_format=torch.channels_last_3d)
         if world_size > 1:
             # Buffers (frozen adapter copies) never change, so they need no per-step broadcast.
             model = DistributedDataParallel(

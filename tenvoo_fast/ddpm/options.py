@@ -158,6 +158,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fold each frozen copy's T(θ0) into its fp32 base weight instead of "
                             "keeping it (one fp32 weight-size tensor less per adapted layer; "
                             "not bit-exact at initialisation; low-precision bases keep theirs)")
+    train.add_argument("--channels-last", action="store_true",
+                       help="keep the UNet's weights (and so its activations) in "
+                            "torch.channels_last_3d, the layout cuDNN's 3-D convolutions run in")
     train.add_argument("--graph", action="store_true",
                        help="run each optimizer step over static buffers, captured once as a "
                             "CUDA graph and replayed (one host call per step instead of "

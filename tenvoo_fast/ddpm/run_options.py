@@ -54,6 +54,7 @@ class FinetuneOptions:
     compile: bool = False
     graph: bool = False
     fold_frozen: bool = False
+    channels_last: bool = False
     # run
     out: str = "runs/finetune"
     resume: bool = False

@@ -67,7 +67,9 @@ def run_identity(opts, size, amp, world_size) -> dict:
             "num_volumes": None if opts.data else opts.num_volumes,
             "spacing": list(opts.spacing) if opts.spacing else None,
             "batch_size": opts.batch_size, "accum": opts.accum, "amp": amp,
-            "world_size": world_size}
+            "world_size": world_size,
+            # None, not False, unfolded: checkpoints from before the option compare equal.
+            "fold_frozen": True if getattr(opts, "fold_frozen", False) and adapter else None}
 
 
 #: The option that sets each identity entry, for the refusal message.
@@ -76,7 +78,7 @@ IDENTITY_FLAGS = {"preset": "--preset", "method": "--method", "rank": "--rank",
                    "base_weights": "--base-weights", "seed": "--seed", "size": "--size",
                    "data": "--data", "num_volumes": "--num-volumes", "spacing": "--spacing",
                    "batch_size": "--batch-size", "accum": "--accum", "amp": "--amp",
-                   "world_size": "the number of processes"}
+                   "world_size": "the number of processes", "fold_frozen": "--fold-frozen"}
 
 
 def read_state(out: Path, identity: dict, world_size: int) -> dict:

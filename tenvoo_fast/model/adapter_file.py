@@ -70,11 +70,24 @@ def _fingerprint(model, exclude) -> str | None:
     tensor as an excluded one (tied weights), in sorted name order, hashed on the CPU. None if
     one of them is on the meta device (no values to hash). A model whose frozen copies are
     folded into its weights (:func:`~tenvoo_fast.model.fold.fold_frozen`) answers with the
-    fingerprint taken before folding: its base is still that one."""
+    fingerprint taken before folding, while its tensors are still the ones folding left
+    (after a later load into them, the fingerprint of what they are now)."""
     model_ = unwrap(model)
+    mine = _hash_state(model_, exclude)
     folded = getattr(model_, FOLDED_BASE_ATTR, None)
-    if folded is not None and any(m.frozen_folded for m in adapter_layers(model_).values()):
-        return folded
+    if mine is not None and folded is not None and folded[1] == _hash_state(
+            model_, set(_trained_tensors(model_))):
+        return folded[0]
+    return mine
+
+
+def current_fingerprint(model) -> str | None:
+    """The fingerprint of the model's tensors as they are now (folded weights included)."""
+    model_ = unwrap(model)
+    return _hash_state(model_, set(_trained_tensors(model_)) if get_config(model_) else set())
+
+
+def _hash_state(model_, exclude) -> str | None:
     state = {k: v for k, v in model_.state_dict(keep_vars=True).items()
              if isinstance(v, torch.Tensor)}
     skip = {id(state[k]) for k in exclude if k in state}

@@ -96,24 +96,35 @@ def check_adaptable(module, kind: type, cls_name: str, name: str) -> None:
                            "adapt the original layer, or merge_and_unload first")
 
 
+#: The state_dict key (beside ``weight``) that says a layer's saved weight is W - T(θ0): a
+#: tensor, so it survives plain dict copies and safetensors files.
+FOLDED_KEY = "weight_is_folded"
+
+
 def _mark_folded(module, state_dict, prefix, local_metadata) -> None:
-    """state_dict hook: record in the metadata that the saved weight is W - T(θ0)."""
+    """state_dict hook: a folded layer's state says its weight is W - T(θ0)."""
     if getattr(module, "frozen_folded", False):
-        local_metadata["tenvoo_frozen_folded"] = True
+        state_dict[prefix + FOLDED_KEY] = torch.ones((), dtype=torch.bool)
 
 
 def _check_folded(module, state_dict, prefix, local_metadata, strict, missing, unexpected,
                   errors) -> None:
     """load_state_dict pre-hook: a weight saved folded loads only into a folded layer, and an
-    unfolded one only into an unfolded layer (else the model would be silently wrong)."""
-    saved = bool(local_metadata.get("tenvoo_frozen_folded", False))
-    if prefix + "weight" in state_dict and saved != getattr(module, "frozen_folded", False):
-        where = prefix[:-1] or module.adapter_name
+    unfolded one only into an unfolded layer; a folded layer takes no other frozen copy
+    without the weight folded with it (else the model would be silently wrong)."""
+    saved = state_dict.pop(prefix + FOLDED_KEY, None) is not None
+    folded = getattr(module, "frozen_folded", False)
+    where = prefix[:-1] or module.adapter_name
+    if prefix + "weight" in state_dict and saved != folded:
         raise AdapterError(
             f"{where}: the state_dict's weight is {'W - T(θ0) (folded)' if saved else 'W'}, "
-            f"but this layer {'is' if not saved else 'is not'} folded; call "
-            "tenvoo_fast.fold_frozen on the model the same way before loading (or load the "
-            "adapter file with load_adapter)")
+            f"but this layer {'is not' if saved else 'is'} folded; fold (tenvoo_fast."
+            "fold_frozen) the model the state_dict came from and this one alike, or load the "
+            "adapter file with load_adapter into an unfolded model")
+    if folded and not saved and any(k.startswith(prefix + "frozen_cores.") for k in state_dict):
+        raise AdapterError(
+            f"{where}: this layer's T(θ0) is folded into its weight, so its frozen copy cannot "
+            "be replaced on its own; load the adapter into an unfolded model, then fold")
 
 
 class AdapterLayer:
@@ -184,7 +195,8 @@ class AdapterLayer:
                     f"{self.adapter_name}: the frozen copy is folded into this layer's fp32 "
                     f"weight, and casting it to {probe.dtype} would destroy the base weight "
                     "(W - T(θ0) is a small difference of large terms); keep the model fp32 "
-                    "and train under autocast, or cast an unfolded model")
+                    "and train under autocast, or cast an unfolded model (modules converted "
+                    "before this one are; model.float() converts them back)")
         if recurse:
             masters = [m for m in (self.cores, self.frozen_cores) if m is not None]
             for module in self.children():
@@ -230,13 +242,14 @@ class AdapterLayer:
         return self._frozen_delta
 
     @torch.no_grad()
-    def fold_frozen(self) -> bool:
-        """Fold T(θ0) into the base weight, W <- round(W - T(θ0)) (T(θ0) and the difference in
-        fp64), and stop keeping T(θ0): one weight-size fp32 tensor less per layer. Only for an
-        fp32/fp64 base (a bf16/fp16 one would lose W: returns False and keeps the copy), and
-        only once. Not exact: W - T(θ0) is a large number whose rounding (up to half an ulp of
-        T(θ0)) the unfolded layer, which adds the exact zero ``T(θ0) - T(θ0)`` at
-        initialisation, does not make. The frozen cores stay (adapter files need them)."""
+    def _fold_frozen(self) -> bool:
+        """Fold T(θ0) into the base weight tensor, in place, W <- round(W - T(θ0)) (T(θ0) and
+        the difference in fp64), and stop keeping T(θ0): one weight-size fp32 tensor less. Only
+        for an fp32/fp64 base (a bf16/fp16 one would lose W: returns False and keeps the
+        copy), and only once. Not exact: W - T(θ0) is a large number whose rounding (up to half
+        an ulp of T(θ0)) the unfolded layer, which adds the exact zero ``T(θ0) - T(θ0)`` at
+        initialisation, does not make. The frozen cores stay (adapter files need them). Use
+        :func:`tenvoo_fast.fold_frozen` (the model's base fingerprint, shared weights)."""
         w = self.weight
         if self.frozen_cores is None or self.frozen_folded or w.dtype not in (torch.float32,
                                                                               torch.float64):

@@ -87,15 +87,36 @@ def test_once_cores_move_the_fold_costs_no_accuracy(method):
     opt.step()
 
 
-def test_factorized_strategy_does_not_subtract_the_folded_copy_twice():
+def test_folded_layers_run_merged_also_under_bf16_autocast():
+    """factorized adds T(θ)·x to conv(x, W - T(θ0)), two large terms after the base conv has
+    rounded (in bf16: ~60% off); a folded layer runs merged, which forms the weight in fp32,
+    and is then within bf16's rounding under autocast, as the unfolded layer is."""
     model = _injected()
+    unfolded = copy.deepcopy(model)
     oracle = copy.deepcopy(model).double()
     tf.fold_frozen(model)
     x = torch.randn(2, 8, 3, 3, 3)
     y64 = oracle(x.double())
     for backend in FAST:
-        with tf.use_backend(backend), tf.use_strategy("factorized", strict=False):
-            assert _rel(model(x), y64) < 1e-4          # T(θ0) subtracted twice would be O(1)
+        with tf.use_backend(backend):
+            with tf.use_strategy("factorized"), pytest.raises(AdapterError, match="folded"):
+                model(x)
+            with tf.use_strategy("factorized", strict=False):
+                assert _rel(model(x), y64) < 1e-4
+            assert model[0].execution_strategy == "merged"
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                folded_err, plain_err = _rel(model(x), y64), _rel(unfolded(x), y64)
+            # Both at bf16's rounding (4e-3 to 8e-3 here); factorized would be ~0.6.
+            assert folded_err < 3 * plain_err, (backend, folded_err, plain_err)
+
+
+def test_a_shared_weight_is_not_folded_twice():
+    shared = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1))
+    shared[1].weight = shared[0].weight
+    tf.inject(shared, tf.AdapterConfig("tenvoo-l", 2, [r"^0$", r"^1$"]))
+    bits = shared[0].weight.detach().clone()
+    assert tf.fold_frozen(shared) == []
+    assert torch.equal(shared[0].weight, bits)
 
 
 def test_low_precision_bases_keep_their_copy_and_bits():
@@ -116,16 +137,24 @@ def test_a_folded_model_refuses_low_precision_casts():
     assert model[0].weight.dtype == torch.float64
 
 
-def test_state_dicts_do_not_mix_folded_and_unfolded():
+def test_state_dicts_do_not_mix_folded_and_unfolded(tmp_path):
     folded, plain = _injected(), _injected()
     tf.fold_frozen(folded)
-    with pytest.raises(AdapterError, match="folded"):
-        plain.load_state_dict(folded.state_dict())
+    from safetensors.torch import load_file, save_file
+    save_file({k: v.contiguous() for k, v in folded.state_dict().items()},
+              str(tmp_path / "folded.safetensors"))
+    for state in (folded.state_dict(), dict(folded.state_dict()),
+                  load_file(str(tmp_path / "folded.safetensors"))):
+        with pytest.raises(AdapterError, match="folded"):
+            plain.load_state_dict(state)
+        again = _injected()
+        tf.fold_frozen(again)
+        again.load_state_dict(state)                          # folded into folded: fine
     with pytest.raises(AdapterError, match="folded"):
         folded.load_state_dict(plain.state_dict())
-    again = _injected()
-    tf.fold_frozen(again)
-    again.load_state_dict(folded.state_dict())                # folded into folded: fine
+    frozen_only = {k: v for k, v in _injected(seed=3).state_dict().items() if "frozen_cores" in k}
+    with pytest.raises(AdapterError, match="frozen copy"):
+        folded.load_state_dict(frozen_only, strict=False)
 
 
 def test_adapter_files_of_a_folded_model_load_into_a_fresh_base(tmp_path):
@@ -153,6 +182,8 @@ def test_finetune_fold_frozen_resumes_exactly(tmp_path):
               "--accum", "1", "--method", "tenvoo-l", "--fold-frozen"]
     assert main([*common, "--steps", "4", "--out", str(tmp_path / "whole")]) == 0
     assert main([*common, "--steps", "2", "--out", str(tmp_path / "split")]) == 0
+    plain = [c for c in common if c != "--fold-frozen"]
+    assert main([*plain, "--steps", "4", "--resume", "--out", str(tmp_path / "split")]) != 0
     assert main([*common, "--steps", "4", "--resume", "--out", str(tmp_path / "split")]) == 0
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     split = json.loads((tmp_path / "split" / "metrics.json").read_text())

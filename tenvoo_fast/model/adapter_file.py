@@ -75,10 +75,11 @@ def _fingerprint(model, exclude) -> str | None:
     model_ = unwrap(model)
     mine = _hash_state(model_, exclude)
     folded = getattr(model_, FOLDED_BASE_ATTR, None)
-    if mine is not None and folded is not None and folded[1] == _hash_state(
-            model_, set(_trained_tensors(model_))):
-        return folded[0]
-    return mine
+    if mine is None or folded is None:
+        return mine
+    trained = set(_trained_tensors(model_))
+    now = mine if set(exclude) == trained else _hash_state(model_, trained)
+    return folded[0] if folded[1] == now else mine
 
 
 def current_fingerprint(model) -> str | None:

@@ -11,7 +11,7 @@ from . import methods
 from ._version import __version__
 from .dispatch import (autotune, available_backends, current_backend, current_strategy,
                        current_weight_policy, set_backend, set_weight_policy, use_backend,
-                       use_strategy, use_weight_policy)
+                       use_launch_cost, use_strategy, use_weight_policy)
 from .errors import AdapterError
 from .methods import (LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d, LoRALinear,
                       QuanTALinear, TenVOOConv3d)
@@ -32,5 +32,6 @@ __all__ = [
     "adapter_layers", "execution_plan", "count_parameters", "fold_frozen", "folded_layers",
     "available_backends",
     "current_backend", "use_backend", "set_backend", "use_strategy", "current_strategy",
-    "use_weight_policy", "set_weight_policy", "current_weight_policy", "presets", "autotune", "methods",
+    "use_weight_policy", "set_weight_policy", "current_weight_policy", "use_launch_cost", "presets", "autotune",
+    "methods",
 ]

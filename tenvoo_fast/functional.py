@@ -109,7 +109,8 @@ def _fast_conv3d(layer, x, backend):
         padding = (0, 0, 0)
     geo = ConvGeometry(tuple(layer.stride), padding, tuple(layer.dilation))
     out_spatial = geo.output_spatial(x.shape[2:], layer.kernel_size)
-    chosen = dispatch.conv_strategy(layer, x.shape, out_spatial, backend.impl, x.device.type)
+    chosen = dispatch.conv_strategy(layer, x.shape, out_spatial, backend.impl, x.device.type,
+                                    x.dtype)
     net = layer.network
     if chosen == "merged":
         cores, frozen = layer.core_list(), _frozen_delta(layer, backend)
@@ -130,7 +131,7 @@ def _fast_linear(layer, x, backend):
     x = x.to(layer.compute_dtype(x))
     net = layer.network
     if dispatch.linear_strategy(layer, x.numel() // x.shape[-1], backend.impl,
-                                x.device.type) == "factorized":
+                                x.device.type, x.dtype) == "factorized":
         return call(ops.factorized.factorized_linear,
                     x, layer.weight, layer.core_list(), _frozen_cores(layer), layer.bias,
                     layer.activation_equation, net.scale)

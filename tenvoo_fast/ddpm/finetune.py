@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..dispatch import (autotune, available_backends, current_backend, current_strategy,
-                        current_weight_policy, use_backend, use_strategy, use_weight_policy)
+                        current_weight_policy, use_backend, use_launch_cost, use_strategy,
+                        use_weight_policy)
 from ..errors import RunError, one_line
 from ..files import write_json_atomic
 from ..model import (AdapterConfig, BaseMismatchWarning, adapter_layers, adapter_memory,
@@ -99,7 +100,8 @@ def run(opts: FinetuneOptions) -> dict:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         with use_backend(opts.backend), use_strategy(opts.strategy or "auto", strict=False), \
-                use_weight_policy(opts.weight_policy or "recompute"):
+                use_weight_policy(opts.weight_policy or "recompute"), \
+                use_launch_cost("replay" if opts.graph else "host"):
             return _run(opts, size, amp, device, rank, world_size)
     finally:
         if world_size > 1:

@@ -25,7 +25,8 @@ from .strategy import validate as validate_strategy
 __all__ = ["Backend", "STRATEGIES", "available_backends", "current_backend", "set_backend",
            "use_backend", "current_strategy", "use_strategy", "backend_for", "conv_strategy",
            "linear_strategy", "runs_native_layer", "supported_strategies", "resolve", "autotune",
-           "WEIGHT_POLICIES", "current_weight_policy", "set_weight_policy", "use_weight_policy"]
+           "WEIGHT_POLICIES", "current_weight_policy", "set_weight_policy", "use_weight_policy",
+           "LAUNCH_COSTS", "use_launch_cost"]
 
 
 def set_backend(name: str) -> None:
@@ -83,6 +84,21 @@ def use_weight_policy(name: str) -> Iterator[None]:
     until its backward (what a plain conv under autocast keeps of its weight), and saves the
     rebuild's launches (three per layer on the torch path, one on triton) and flops."""
     with context.weight_policy_scope(_validate_weight_policy(name)):
+        yield
+
+
+#: What ``auto``'s GPU cost model charges per launch (:mod:`.gpu_costs`).
+LAUNCH_COSTS = ("host", "replay")
+
+
+@contextlib.contextmanager
+def use_launch_cost(name: str) -> Iterator[None]:
+    """``with use_launch_cost("replay"): ...``: ``auto`` on CUDA predicts each layer's time as
+    a replayed CUDA graph runs it (each launch a kernel's floor, no host time), for steps that
+    will be captured (``--graph``); "host" (the default) charges each launch the host's time."""
+    if name not in LAUNCH_COSTS:
+        raise ValueError(f"launch cost {name!r}: choose one of {', '.join(LAUNCH_COSTS)}")
+    with context.launch_cost_scope(name):
         yield
 
 

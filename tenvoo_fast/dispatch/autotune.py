@@ -1,7 +1,8 @@
 """Measured choice of backend and strategy per adapted layer (``tf.autotune``).
 
-The default ``auto`` ranks backends by a table of earlier measurements
-(:data:`.backends.AUTO_RANKING`) and picks a strategy by a flop model (:mod:`.costs`).
+The default ``auto`` ranks backends by a table of earlier measurements on the CPU
+(:data:`.backends.AUTO_RANKING`) and by a predicted time on CUDA (:mod:`.gpu_costs`), and
+picks a strategy by a flop model (:mod:`.costs`) or that prediction.
 :func:`tune` replaces both with a measurement on this machine: it runs the model once to see
 each adapted layer's input, then times every candidate (backend, strategy) on that layer alone,
 fwd+bwd, and keeps the fastest. Decisions are cached per layer signature,

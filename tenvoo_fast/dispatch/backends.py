@@ -8,12 +8,12 @@
   ``TRITON_INTERPRET=1``.
 - ``cpu`` / ``cuda``: the same ops with the weight-sized step in the native (csrc) kernels.
 
-Under ``auto`` a layer runs on the first backend of :data:`AUTO_RANKING` for its device and
-kind that is available and supports it. On the CPU the ranking is measured (README, "Speed and
-memory"; ``benchmarks/results/``) and agrees with the launch counts; on CUDA it follows the
-counts (README, "Launches per training step"): a step there is bound by the host's launches,
-and the ``triton`` backend issues 5 per adapted layer against the reference's ~60. A backend
-not listed for a device is never picked there, but runs when named.
+Under ``auto`` a layer runs on the first backend of its ranking that is available and supports
+it. On the CPU the ranking is :data:`AUTO_RANKING`'s, measured (README, "Speed and memory";
+``benchmarks/results/``); on CUDA it is predicted per layer and input shape by the GPU cost
+model (:mod:`.gpu_costs`: counted launches times the host's or a graph replay's cost per launch,
+plus a roofline of the adapter's work). A backend not ranked for a device is never picked
+there, but runs when named.
 """
 from __future__ import annotations
 
@@ -25,15 +25,14 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from . import gpu_costs
 
-#: Under ``auto``: (device type, layer kind) -> backends to try, best first.
+#: Under ``auto`` on the CPU: (device type, layer kind) -> backends to try, best first.
 AUTO_RANKING: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "conv3d"): ("torch", "cpu", "reference"),
     ("cpu", "linear"): ("reference", "torch", "cpu"),
-    ("cuda", "conv3d"): ("triton", "reference", "torch"),
-    ("cuda", "linear"): ("triton", "reference", "torch"),
 }
-#: Under ``auto`` on any other device.
+#: Under ``auto`` on any device other than the CPU and CUDA.
 DEFAULT_RANKING = ("reference", "torch")
 #: The order :func:`available_backends` lists backends in (fastest kernels first).
 LISTING = ("triton", "torch", "cpu", "cuda", "reference")
@@ -164,7 +163,10 @@ def auto_ranking(layer, x: torch.Tensor) -> tuple[str, ...]:
     """The backends ``auto`` tries for ``layer`` on ``x``'s device, best first. While
     ``torch.compile`` traces, the reference goes last: opt_einsum's path search breaks the
     graph, where the other backends trace as one custom op."""
-    ranking = AUTO_RANKING.get((x.device.type, layer_kind(layer)), DEFAULT_RANKING)
+    if x.device.type == "cuda":
+        ranking = gpu_costs.ranking(layer, tuple(x.shape), layer.compute_dtype(x))
+    else:
+        ranking = AUTO_RANKING.get((x.device.type, layer_kind(layer)), DEFAULT_RANKING)
     if torch.compiler.is_compiling() and "reference" in ranking:
         ranking = tuple(n for n in ranking if n != "reference") + ("reference",)
     return ranking

@@ -17,6 +17,9 @@ class _Context(threading.local):
     #: The merged strategy's effective weight between forward and backward: "recompute" or
     #: "keep" (see :func:`tenvoo_fast.dispatch.use_weight_policy`).
     weight_policy: str = "recompute"
+    #: What a launch costs in ``auto``'s GPU cost model: the host's time ("host": an eager
+    #: step) or a captured graph node's replay ("replay": ``--graph``).
+    launch_cost: str = "host"
 
 
 CONTEXT = _Context()
@@ -64,6 +67,14 @@ def set_weight_policy_name(name: str) -> None:
 
 def weight_policy_scope(name: str):
     return _set(weight_policy=name)
+
+
+def current_launch_cost() -> str:
+    return CONTEXT.launch_cost
+
+
+def launch_cost_scope(name: str):
+    return _set(launch_cost=name)
 
 
 def tuned(choice: Optional[str]):

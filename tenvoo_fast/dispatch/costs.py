@@ -1,9 +1,9 @@
-"""The strategies' cost models: estimated extra flops of one fwd+bwd over the frozen layer's.
+"""The strategies' flop models: estimated extra flops of one fwd+bwd over the frozen layer's.
 
-:mod:`.strategy` picks the cheapest strategy per layer and shape by these under ``auto`` (a
-measured decision, :mod:`.autotune`, replaces them where it has run). On a GPU a step is bound
-by the host's launches, so there each launch a strategy issues is charged as the flops the GPU
-could have done meanwhile (:func:`with_launches`).
+:mod:`.strategy` picks the cheapest strategy per layer and shape by these under ``auto`` off
+CUDA, each operator call the ``torch`` kernels issue from Python charged on the CPU (a measured
+decision, :mod:`.autotune`, replaces them where it has run; on CUDA :mod:`.gpu_costs` predicts
+times instead).
 """
 from __future__ import annotations
 
@@ -74,24 +74,6 @@ def _conv_costs(network, x_shape: tuple, out_spatial: tuple, policy: str) -> dic
     path = 2 * (vin * cin * part.rank_u + vout * part.rank_u * part.rank_v * kvol
                 + vout * part.rank_v * cout)
     return {"merged": merged, "factorized": 7 * path}
-
-
-#: Launches per training step of one adapted layer beyond its frozen base on the ``triton``
-#: backend, per strategy, recomputing the weight (counted on the CPU: tests/kernels/test_tree.py
-#: checks them); keeping it (the "keep" weight policy) saves merged one.
-TRITON_LAUNCHES = {"conv3d": {"merged": 5, "factorized": 162},
-                   "linear": {"merged": 5, "factorized": 56}}
-#: The flops one launch is worth on a GPU: ~13 µs of host time per launch (H100 profile,
-#: README) at ~50 Tflop/s of fp32.
-LAUNCH_FLOPS = 13e-6 * 50e12
-
-
-def with_launches(costs: dict[str, int], kind: str) -> dict[str, float]:
-    """``costs`` plus :data:`LAUNCH_FLOPS` per launch of each strategy on the ``triton``
-    backend (a strategy without a count keeps its flops)."""
-    launches, kept = TRITON_LAUNCHES[kind], current_weight_policy() == "keep"
-    return {s: c + LAUNCH_FLOPS * (launches.get(s, 0) - (kept and s == "merged"))
-            for s, c in costs.items()}
 
 
 #: Operator calls per training step of one adapted layer beyond its frozen base that the

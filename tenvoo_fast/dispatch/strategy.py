@@ -7,11 +7,11 @@
 - ``"implicit-gemm"``: a Triton implicit-GEMM conv that generates the weight tiles from the cores
   on chip (:mod:`tenvoo_fast.ops.implicit_gemm`; ``triton`` backend only).
 - ``"auto"`` (default): per layer and input shape, a measured choice (:mod:`.autotune`) where
-  there is one, else the cheaper of merged and factorized by the flop models of :mod:`.costs`
-  (with each launch charged on a GPU, where the host's launches bound the step, and each
+  there is one, else the cheaper of merged and factorized: on CUDA by the GPU cost model's
+  predicted time (:mod:`.gpu_costs`), elsewhere by the flop models of :mod:`.costs` (each
   operator call the ``torch`` kernels issue from Python charged on the CPU).
-  It does not pick implicit-gemm: no flop model says how a Triton conv compares with cuDNN's,
-  so only a measurement or ``use_strategy`` selects it.
+  It does not pick implicit-gemm: no model says how a Triton conv compares with cuDNN's, so
+  only a measurement or ``use_strategy`` selects it.
 
 A layer's class declares the strategies its family implements (``strategies``); a layer that
 cannot run a forced strategy raises and says which it can run. The ``reference`` backend always
@@ -28,7 +28,8 @@ from ..contraction.generation import unsupported_reason as implicit_gemm_reason
 from ..errors import AdapterError
 from ..kernels import native_layer
 from . import context
-from .costs import conv_costs, linear_costs, with_cpu_calls, with_launches
+from . import gpu_costs
+from .costs import conv_costs, linear_costs, with_cpu_calls
 
 STRATEGIES = ("auto", "merged", "factorized", "implicit-gemm")
 
@@ -88,29 +89,47 @@ def _cheapest_conv(network, x_shape: tuple, out_spatial: tuple, host: str | None
 
 
 def _cheapest(costs: dict, kind: str, host: str | None) -> str:
-    if host == "triton":
-        costs = with_launches(costs, kind)
-    elif host is not None:
+    if host is not None:
         costs = with_cpu_calls(costs, kind, native=host == "cpu-native")
     return min(costs, key=costs.get)
 
 
+def _on_gpu(layer, impl, x_shape, dtype, fallback):
+    """On CUDA, the GPU cost model's cheapest strategy for backend ``impl`` (``fallback()``,
+    the flop model, when it has no count for this method and backend)."""
+    allowed = tuple(s for s in ("merged", "factorized")
+                    if s in supported_strategies(layer, impl))
+    return gpu_costs.cheapest_strategy(layer, x_shape, dtype, impl, allowed) or fallback()
+
+
 def linear_strategy(layer, tokens: int, impl: str | None = None,
-                    device_type: str = "cpu") -> str:
-    """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input."""
-    return _record(layer, _choose(layer, impl, lambda: _cheapest_linear(
-        layer.network, max(int(tokens), 1), layer.activation_equation,
-        _host_charge(impl, device_type, layer))))
+                    device_type: str = "cpu", dtype: torch.dtype | None = None) -> str:
+    """The strategy ``layer`` (an adapted Linear) runs with for ``tokens`` rows of input
+    computed in ``dtype`` (the base weight's if None)."""
+    def flops():
+        return _cheapest_linear(layer.network, max(int(tokens), 1), layer.activation_equation,
+                                _host_charge(impl, device_type, layer))
+    if device_type == "cuda":
+        return _record(layer, _choose(layer, impl, lambda: _on_gpu(
+            layer, impl, (max(int(tokens), 1), layer.in_features), dtype or layer.weight.dtype,
+            flops)))
+    return _record(layer, _choose(layer, impl, flops))
 
 
 def conv_strategy(layer, x_shape, out_spatial, impl: str | None = None,
-                  device_type: str = "cpu") -> str:
+                  device_type: str = "cpu", dtype: torch.dtype | None = None) -> str:
     """The strategy ``layer`` (an adapted Conv3d) runs with for an input of ``x_shape`` on
-    ``device_type``, when ``impl`` runs the fast paths' heavy steps."""
-    return _record(layer, _choose(
-        layer, impl, lambda: _cheapest_conv(layer.network, tuple(int(n) for n in x_shape),
-                                            tuple(int(n) for n in out_spatial),
-                                            _host_charge(impl, device_type, layer))))
+    ``device_type`` computed in ``dtype`` (the base weight's if None), when ``impl`` runs the
+    fast paths' heavy steps."""
+    x_shape = tuple(int(n) for n in x_shape)
+
+    def flops():
+        return _cheapest_conv(layer.network, x_shape, tuple(int(n) for n in out_spatial),
+                              _host_charge(impl, device_type, layer))
+    if device_type == "cuda":
+        return _record(layer, _choose(layer, impl, lambda: _on_gpu(
+            layer, impl, x_shape, dtype or layer.weight.dtype, flops)))
+    return _record(layer, _choose(layer, impl, flops))
 
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -136,12 +155,10 @@ def _native_dtypes(base, cores, frozen) -> bool:
 
 
 def _host_charge(impl, device_type: str, layer=None) -> str | None:
-    """Which host costs the choice charges besides flops: ``"triton"`` launches on a GPU
-    (:func:`.costs.with_launches`), ``"cpu-native"`` / ``"cpu-python"`` operator calls of the
-    ``torch`` kernels on the CPU (:func:`.costs.with_cpu_calls`; merged as the C++ function or
-    the Python op), else none."""
-    if impl == "triton" and device_type == "cuda":
-        return "triton"
+    """Which host costs the flop model charges besides flops: ``"cpu-native"`` /
+    ``"cpu-python"`` operator calls of the ``torch`` kernels on the CPU
+    (:func:`.costs.with_cpu_calls`; merged as the C++ function or the Python op), else none
+    (on CUDA the GPU cost model charges launches: :mod:`.gpu_costs`)."""
     if impl == "torch" and device_type == "cpu":
         native = (native_layer.available() and native_runner.LOOPS
                   and (layer is None or _native_dtypes(layer.weight, layer.core_list(), ())))

@@ -54,6 +54,11 @@ class SavedBytes:
         if t.data_ptr() not in self._skip:
             self._kept[t.data_ptr()] = t.numel() * t.element_size()
 
+    @property
+    def so_far(self) -> int:
+        """The bytes noted until now (``bytes`` is set when the block ends)."""
+        return sum(self._kept.values())
+
     def __enter__(self) -> "SavedBytes":
         _ACTIVE.append(self)
         self._hooks.__enter__()
@@ -62,7 +67,7 @@ class SavedBytes:
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
         _ACTIVE.remove(self)
-        self.bytes = sum(self._kept.values())
+        self.bytes = self.so_far
 
 
 def note_kept(tensors: Iterable) -> None:

@@ -5,7 +5,9 @@ paper's targets, records each adapted layer's input shape at the paper volume, a
 GPU cost model (``tenvoo_fast.dispatch.gpu_costs``) for every layer: the backend ranking and
 strategy ``auto`` takes on CUDA under bf16 autocast, for an eager step ("host": each launch
 costs the host's time) and a replayed CUDA graph ("replay": ``--graph``), and the predicted
-extra seconds per step of every (backend, strategy), summed over the model's adapted layers.
+extra seconds per step of every (backend, strategy), summed over the model's adapted layers
+(launches beyond a trainable plain layer's, device work beyond a frozen layer's: a figure for
+ranking the options; ``step_model.py`` predicts whole steps).
 Everything it prints is a prediction of a model calibrated on the committed H100 runs, not a
 measurement.
 

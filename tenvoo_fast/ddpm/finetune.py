@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -63,7 +64,8 @@ from .training import (SCHEDULER, VAL_TIMESTEPS, Interrupted, NonFiniteLoss, Pos
                        Stopper, describe_interval, endless_batches, ignore_sigint,
                        non_finite_message, optimizer_step, progress_bar, validation_loss)
 from .unets import DEFAULT_SIZES, build_unet, downsampling_factor
-from .weights import load_into
+from .generative_bases import load_generative, old_layout
+from .weights import load_state, read_state_dict
 
 #: Methods that inject nothing: every parameter, only biases, only parameters named "norm".
 BASELINES = ("full", "bias", "norm")
@@ -135,13 +137,22 @@ def volume_size(preset: str, size=None) -> tuple[int, ...]:
     return size
 
 
-def base_unet(preset: str, base_weights: str | os.PathLike | None = None) -> nn.Module:
-    """The base UNet a run fine-tunes: ``preset``'s UNet with the weights in ``base_weights``,
+def base_unet(preset: str, base_weights: str | os.PathLike | None = None,
+              say: Callable[[str], None] = print) -> nn.Module:
+    """The base UNet a run fine-tunes: ``preset``'s UNet with the weights in ``base_weights``
+    (MONAI core's layout, or MONAI Generative's, detected from the keys and said with ``say``),
     or random weights (drawn from torch's global RNG: seed it first) with the output conv
     re-initialised. ``tenvoo-fast sample`` builds its base with this too."""
     model = build_unet(preset)
     if base_weights:
-        load_into(model, base_weights, "--base-weights", f"the {preset} UNet")
+        where, what = f"--base-weights {base_weights}", f"the {preset} UNet"
+        state = read_state_dict(base_weights, "--base-weights")
+        if old_layout(state, model.state_dict()):
+            model, note = load_generative(partial(build_unet, preset), state, where,
+                                          what)
+            say(note)
+        else:
+            load_state(model, state, where, what)
     else:
         # MONAI zero-initialises the last conv (for training from scratch). Frozen at zero, as
         # in adapter fine-tuning of random base weights, it would stop every gradient.
@@ -165,7 +176,7 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
         size, opts.seed, data=opts.data, num_volumes=opts.num_volumes, spacing=opts.spacing)
 
     torch.manual_seed(opts.seed)  # the same base weights on every rank and on resume
-    model = _build_model(opts, state)
+    model = _build_model(opts, state, say)
     metrics = _describe(opts, model, identity, size, amp, device, world_size,
                         (train_set, val_set, data_description), say)
     if opts.dry_run:
@@ -437,10 +448,10 @@ def _report(t: _Training, opts, out: Path, identity: dict, metrics: dict, times,
     return metrics
 
 
-def _build_model(opts, state: dict | None) -> nn.Module:
+def _build_model(opts, state: dict | None, say: Callable[[str], None]) -> nn.Module:
     """The preset's UNet with base weights, adapters (or baseline trainables) and, when
     resuming, the trained weights of the checkpoint ``state`` came from."""
-    model = base_unet(opts.preset, opts.base_weights)
+    model = base_unet(opts.preset, opts.base_weights, say)
     folder = state["folder"] if state is not None else None
     if opts.method in BASELINES:
         for name, p in model.named_parameters():

@@ -22,10 +22,11 @@ PRESETS = {"paper": PAPER_UNET, "tiny": TINY_UNET}
 DEFAULT_SIZES = {"paper": (128, 128, 96), "tiny": (16, 16, 16)}
 
 
-def build_unet(preset: str) -> nn.Module:
-    """The randomly initialised ``DiffusionModelUNet`` of ``preset`` ("paper" or "tiny")."""
+def build_unet(preset: str, **overrides) -> nn.Module:
+    """The randomly initialised ``DiffusionModelUNet`` of ``preset`` ("paper" or "tiny"), with
+    ``overrides`` of its arguments (``include_fc=False`` for MONAI Generative bases)."""
     from monai.networks.nets import DiffusionModelUNet
-    return DiffusionModelUNet(**PRESETS[preset])
+    return DiffusionModelUNet(**{**PRESETS[preset], **overrides})
 
 
 def paper_unet() -> nn.Module:

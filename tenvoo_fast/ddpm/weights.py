@@ -44,7 +44,11 @@ def read_state_dict(path: str | Path, flag: str) -> dict[str, torch.Tensor]:
 def load_into(model: nn.Module, path: str | Path, flag: str, what: str) -> nn.Module:
     """Load the weights in ``path`` into ``model`` strictly; a mismatch is a :class:`RunError`
     saying it does not fit ``what``, with the counts and an example of each kind of key."""
-    state = read_state_dict(path, flag)
+    return load_state(model, read_state_dict(path, flag), f"{flag} {path}", what)
+
+
+def load_state(model: nn.Module, state: dict, where: str, what: str) -> nn.Module:
+    """:func:`load_into` for a state dict read from ``where`` (an option and its file)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -56,7 +60,7 @@ def load_into(model: nn.Module, path: str | Path, flag: str, what: str) -> nn.Mo
                   f"{len(wrong)} keys of another shape (e.g. {wrong[0]}: "
                   f"{tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)})"
                   if wrong else ""]
-        raise RunError(f"{flag} {path}: does not fit {what}: "
+        raise RunError(f"{where}: does not fit {what}: "
                        + ", ".join(d for d in detail if d))
     model.load_state_dict(state, strict=True)
     return model

@@ -8,6 +8,7 @@ layers (:mod:`.nn`, each family's in :mod:`.methods`) and the model API (:mod:`.
 needs only torch, opt_einsum and safetensors.
 """
 from . import methods
+from .convert import convert, export_peft
 from ._version import __version__
 from .dispatch import (autotune, available_backends, current_backend, current_strategy,
                        current_weight_policy, set_backend, set_weight_policy, use_backend,
@@ -25,7 +26,7 @@ from .nn import AdapterLayer
 networks = methods
 
 __all__ = [
-    "__version__", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",
+    "__version__", "convert", "export_peft", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",
     "QuanTALinear", "LoRAConv3d", "LoHaConv3d", "LoKrConv3d", "LoRALinear", "LoHaLinear",
     "LoKrLinear", "inject", "merge_and_unload", "save_adapter", "load_adapter",
     "read_adapter_metadata", "read_adapter_base", "base_fingerprint", "BaseMismatchWarning",

@@ -20,7 +20,7 @@ def _python_blocks() -> list[str]:
 
 def test_the_using_it_examples_run(tmp_path, monkeypatch):
     pytest.importorskip("monai")
-    first, config = _python_blocks()
+    first, config, _ = _python_blocks()
     constructor = re.search(r"model = (DiffusionModelUNet\(.*?\))\n", first, flags=re.S).group(1)
     assert "fresh = DiffusionModelUNet(...)" in first
     code = (first.replace("model = DiffusionModelUNet(", "torch.manual_seed(0); model = "
@@ -42,3 +42,32 @@ def test_the_using_it_examples_run(tmp_path, monkeypatch):
     tf.inject(model, cfg)
     layer = tf.adapter_layers(model)["down_blocks.2.resnets.0.conv1.conv"]
     assert (layer.network.meta["in_factors"], layer.network.meta["out_factors"]) == ((4, 4, 2), (8, 4, 2))
+
+
+def test_the_peft_example_runs(tmp_path, monkeypatch):
+    """The "From peft" example, on a small model whose peft LoRA was saved as the example's
+    folder; the exported folder loads back into peft with the same outputs."""
+    peft = pytest.importorskip("peft")
+    *_, example = _python_blocks()
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 3, padding=1), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 27, 4))
+    trained = peft.get_peft_model(_copy(base), peft.LoraConfig(r=2, target_modules=["0", "2"]))
+    for p in trained.parameters():
+        if p.requires_grad:
+            p.data.normal_(std=0.1)
+    monkeypatch.chdir(tmp_path)
+    trained.save_pretrained("my-peft-lora")
+    scope = {"base": _copy(base)}
+    exec(compile("import tenvoo_fast as tf\n" + example, "README.md", "exec"), scope)
+    x = torch.randn(2, 2, 3, 3, 3)
+    reloaded = peft.PeftModel.from_pretrained(_copy(base), "back-to-peft")
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"](x), trained(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(reloaded(x), trained(x), rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "adapter.safetensors").is_file()
+
+
+def _copy(module):
+    import copy
+    return copy.deepcopy(module)

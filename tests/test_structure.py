@@ -25,6 +25,7 @@ LAYERS = {
     "nn": 7,
     "methods": 8,
     "model": 9, "measure": 9,
+    "convert": 9.5,
     "ddpm": 10,
     "__init__": 11, "__main__": 11,
 }

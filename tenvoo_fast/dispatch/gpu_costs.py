@@ -9,7 +9,7 @@
   constant fitted to the committed H100 steps by ``benchmarks/step_model.py``), or a captured
   graph node's replay when the step is replayed (``use_launch_cost("replay")``: ``--graph``),
   where the host issues nothing and each kernel costs the roofline's floor;
-- device: the roofline (:mod:`tenvoo_fast.measure.roofline`) of the adapter's extra flops and
+- device: the roofline (peaks in :mod:`.devices`) of the adapter's extra flops and
   bytes on the GPU, each op class times the inefficiency fitted in the same calibration.
 
 A model, not a measurement: ``--autotune`` (:mod:`.autotune`) measures and overrides it.
@@ -24,7 +24,7 @@ import torch
 from ..contraction.partition import channel_letters, partition
 from ..contraction.prereduce import plan
 from ..contraction.sweep import path_flops
-from ..measure.roofline import H100, GPU
+from .devices import GPU, H100
 from ..ops.geometry import conv_output_spatial
 from .context import current_launch_cost, current_weight_policy
 from .costs import merged_builds

@@ -11,30 +11,16 @@ and outputs (each read or written once: a lower bound), and its roofline time,
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from ..dispatch.devices import GPU, H100, H200
+
+__all__ = ["GPU", "H100", "H200", "DeviceWork"]
 from .launches import classify
-
-
-@dataclass(frozen=True)
-class GPU:
-    """A GPU's peaks: dense bf16 tensor-core and fp32 flop/s, memory bytes/s, and the shortest
-    time a kernel takes (launch to completion, empty)."""
-    name: str
-    bf16_flops: float
-    fp32_flops: float
-    bytes_per_s: float
-    kernel_floor_s: float = 2.5e-6
-
-
-#: Spec-sheet peaks (SXM parts, dense).
-H100 = GPU("H100 SXM", 989e12, 67e12, 3.35e12)
-H200 = GPU("H200 SXM", 989e12, 67e12, 4.8e12)
 
 
 class DeviceWork(TorchDispatchMode):

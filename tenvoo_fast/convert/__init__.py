@@ -1,0 +1,60 @@
+"""Drop-in conversion: the adapter layers a model got from another library replaced, in place,
+by tenvoo_fast's layers holding the same trained weights (the same function, to fp32 rounding),
+and back.
+
+- :func:`convert`: peft LoRA on Conv3d and Linear (rsLoRA's scale included) today;
+- :func:`export_peft`: tenvoo_fast LoRA layers as a peft adapter folder.
+
+Adapters of any other kind in the model (LyCORIS modules hooked into a layer's forward, the
+published TenVOO layers, peft's other methods) are named in an error, never dropped.
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from ..errors import AdapterError
+from ..model.inject import _CONFIG_ATTR, adapter_layers
+from .peft_lora import convert_peft, export_peft, peft_layers, peft_root
+
+__all__ = ["convert", "export_peft"]
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every foreign adapter layer of ``model`` (a peft ``PeftModel``, or the torch
+    model inside it) by a tenvoo_fast layer holding its trained weights, in place; returns the
+    torch model, ready for ``save_adapter``, the fast backends and further training. What the
+    converted model does differently (peft's dropout) is said as a warning."""
+    root = peft_root(model)
+    if adapter_layers(root):
+        raise AdapterError("convert: the model already has tenvoo_fast adapters "
+                           f"(e.g. {next(iter(adapter_layers(root)))})")
+    foreign = _foreign_hooks(root)
+    if foreign:
+        name, kind = foreign[0]
+        raise AdapterError(f"convert: {name} runs a {kind}'s forward, an adapter kind "
+                           f"tenvoo_fast does not convert yet ({len(foreign)} such layers)")
+    if not peft_layers(root):
+        raise AdapterError("convert: no adapter layers found (peft LoRA layers are converted; "
+                           f"the model is a {type(root).__name__})")
+    root, config, notes = convert_peft(root)
+    setattr(root, _CONFIG_ATTR, config)
+    root.tenvoo_skipped = []
+    for note in notes:
+        warnings.warn(f"convert: {note}", stacklevel=2)
+    return root
+
+
+def _foreign_hooks(root: nn.Module) -> list[tuple[str, str]]:
+    """Layers whose forward another library's module has taken over (LyCORIS's ``apply_to``
+    replaces the original layer's ``forward``), and the published TenVOO layers."""
+    found = []
+    for name, m in root.named_modules():
+        owner = getattr(m.__dict__.get("forward"), "__self__", None)
+        if owner is not None and owner is not m:
+            found.append((name or type(root).__name__, type(owner).__module__ + "." +
+                          type(owner).__name__))
+        elif hasattr(m, "tenvoo_weights") or hasattr(m, "quanta_weights"):
+            found.append((name, "published TenVOO " + type(m).__name__))
+    return found

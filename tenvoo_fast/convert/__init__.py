@@ -2,11 +2,13 @@
 by tenvoo_fast's layers holding the same trained weights (the same function, to fp32 rounding),
 and back.
 
-- :func:`convert`: peft LoRA on Conv3d and Linear (rsLoRA's scale included) today;
+- :func:`convert`: peft LoRA on Conv3d and Linear (rsLoRA's scale included), and LyCORIS's
+  LoCon, LoHa and LoKr modules (hooked into the layers by its ``apply_to``);
 - :func:`export_peft`: tenvoo_fast LoRA layers as a peft adapter folder.
 
-Adapters of any other kind in the model (LyCORIS modules hooked into a layer's forward, the
-published TenVOO layers, peft's other methods) are named in an error, never dropped.
+Adapters of any other kind in the model (another library's module hooked into a layer's
+forward, the published TenVOO layers, peft's other methods) are named in an error, never
+dropped.
 """
 from __future__ import annotations
 
@@ -16,14 +18,15 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..model.inject import _CONFIG_ATTR, adapter_layers
+from .lycoris_modules import convert_lycoris, is_lycoris, lycoris_hooks
 from .peft_lora import convert_peft, export_peft, peft_layers, peft_root
 
 __all__ = ["convert", "export_peft"]
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replace every foreign adapter layer of ``model`` (a peft ``PeftModel``, or the torch
-    model inside it) by a tenvoo_fast layer holding its trained weights, in place; returns the
+    """Replace every foreign adapter layer of ``model`` (a peft ``PeftModel`` or the torch model
+    inside it, or a model LyCORIS's network was applied to) by a tenvoo_fast layer holding its trained weights, in place; returns the
     torch model, ready for ``save_adapter``, the fast backends and further training. What the
     converted model does differently (peft's dropout) is said as a warning."""
     root = peft_root(model)
@@ -35,10 +38,18 @@ def convert(model: nn.Module) -> nn.Module:
         name, kind = foreign[0]
         raise AdapterError(f"convert: {name} runs a {kind}'s forward, an adapter kind "
                            f"tenvoo_fast does not convert yet ({len(foreign)} such layers)")
-    if not peft_layers(root):
-        raise AdapterError("convert: no adapter layers found (peft LoRA layers are converted; "
-                           f"the model is a {type(root).__name__})")
-    root, config, notes = convert_peft(root)
+    lycoris = lycoris_hooks(root)
+    if lycoris and peft_layers(root):
+        raise AdapterError("convert: the model has both peft and LyCORIS adapters; convert a "
+                           "model adapted by one of them")
+    if lycoris:
+        root, config, notes = convert_lycoris(root, lycoris)
+    elif peft_layers(root):
+        root, config, notes = convert_peft(root)
+    else:
+        raise AdapterError("convert: no adapter layers found (peft LoRA layers and LyCORIS "
+                           f"LoCon/LoHa/LoKr modules are converted; the model is a "
+                           f"{type(root).__name__})")
     setattr(root, _CONFIG_ATTR, config)
     root.tenvoo_skipped = []
     for note in notes:
@@ -52,7 +63,7 @@ def _foreign_hooks(root: nn.Module) -> list[tuple[str, str]]:
     found = []
     for name, m in root.named_modules():
         owner = getattr(m.__dict__.get("forward"), "__self__", None)
-        if owner is not None and owner is not m:
+        if owner is not None and owner is not m and not is_lycoris(owner):
             found.append((name or type(root).__name__, type(owner).__module__ + "." +
                           type(owner).__name__))
         elif hasattr(m, "tenvoo_weights") or hasattr(m, "quanta_weights"):

@@ -130,9 +130,9 @@ setup(
     extras_require={
         "ddpm": DDPM,
         # Everything the suite runs: the DDPM program, triton (the interpreter and
-        # ahead-of-time checks of the GPU kernels), scipy (MONAI's FID), and the peers the
-        # adapters are checked against.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.2", "scipy",
+        # ahead-of-time checks of the GPU kernels), scipy (MONAI's FID), the peers the
+        # adapters are checked against, and pytest-xdist (the suite on every core).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "triton>=3.2", "scipy",
                  "peft", "lycoris-lora", *DDPM],
         "triton": ["triton>=3.2"],
         "peers": ["peft", "lycoris-lora"],

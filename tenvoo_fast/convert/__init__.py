@@ -26,9 +26,10 @@ __all__ = ["convert", "export_peft"]
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace every foreign adapter layer of ``model`` (a peft ``PeftModel`` or the torch model
-    inside it, or a model LyCORIS's network was applied to) by a tenvoo_fast layer holding its trained weights, in place; returns the
-    torch model, ready for ``save_adapter``, the fast backends and further training. What the
-    converted model does differently (peft's dropout) is said as a warning."""
+    inside it, or a model LyCORIS's network was applied to) by a tenvoo_fast layer holding its
+    trained weights, in place; returns the torch model, ready for ``save_adapter``, the fast
+    backends and further training. What the converted model does differently (a dropout) is
+    said as a warning."""
     root = peft_root(model)
     if adapter_layers(root):
         raise AdapterError("convert: the model already has tenvoo_fast adapters "

@@ -3,12 +3,13 @@
 LyCORIS's ``apply_to`` leaves each original Conv3d/Linear in the model and replaces its
 ``forward`` with the LyCORIS module's, which adds ``multiplier · scale · scalar · ΔW``. The
 module's factors are tenvoo_fast's cores in the same order and shapes (LoCon: down, up; LoHa:
-w1a, w1b, w2a, w2b; LoKr: w1 (or w1a, w1b), w2 (or w2a, w2b), LyCORIS's split rule), so a
+w1a, w1b, w2a, w2b; LoKr: w1, w2 (or w2a, w2b), LyCORIS's split rule), so a
 layer converts by restoring the original forward, adapting the layer with the same rank and
 an alpha that gives the same scale (LoKr with two full factors included, where LyCORIS forces
 scale 1), and copying the factors. Each converted layer is checked against LyCORIS's forward on
-a probe input (its ``get_diff_weight`` scales LoHa twice, so the forward is the reference); options tenvoo_fast does not implement (Tucker factors, DoRA-style weight
-decomposition, bypass-only variants) are refused naming the layer.
+a probe input (its ``get_diff_weight`` scales LoHa twice, so the forward is the reference).
+Options tenvoo_fast does not implement (Tucker factors, weight decomposition, a split w1) are
+refused naming the layer.
 """
 from __future__ import annotations
 

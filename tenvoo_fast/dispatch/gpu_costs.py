@@ -72,11 +72,6 @@ OTHER_INEFFICIENCY = 1.37
 FACTORIZED_PASSES = 7
 
 
-def launches(kind: str, method: str, backend: str, strategy: str) -> int | None:
-    """Counted launches of one step of an adapted layer, None if never counted."""
-    return LAUNCHES.get((kind, method), {}).get((backend, strategy))
-
-
 def seconds_per_launch(mode: str, gpu: GPU = H100) -> float:
     return HOST_S_PER_LAUNCH if mode == "host" else gpu.kernel_floor_s
 
@@ -101,8 +96,7 @@ def conv_device_seconds(network, x_shape: tuple, out_spatial: tuple, itemsize: i
     # The weight built (and swept back) in fp32, cast for the conv, and dL/dW: a conv as big
     # as the layer's own, reading the input and the output's gradient.
     build = _op(builds * path_flops(network.equation, network.contraction_shapes),
-                builds * 2 * 4 * weight, True,
-                OTHER_INEFFICIENCY, gpu)
+                builds * 2 * 4 * weight, True, OTHER_INEFFICIENCY, gpu)
     grad_w = _op(2 * vout * cin * cout * kvol, (vin * cin + vout * cout) * itemsize + 4 * weight,
                  not low, CONV_INEFFICIENCY, gpu)
     if not factorized:
@@ -128,8 +122,8 @@ def linear_device_seconds(network, tokens: int, activation_equation: str | None,
     low = itemsize < 4
     shapes = tuple(tuple(c.shape) for c in network.cores)
     builds = merged_builds(policy)
-    build = _op(builds * path_flops(network.equation, network.contraction_shapes), builds * 2 * 4 * out_f * in_f,
-                True, OTHER_INEFFICIENCY, gpu)
+    build = _op(builds * path_flops(network.equation, network.contraction_shapes),
+                builds * 2 * 4 * out_f * in_f, True, OTHER_INEFFICIENCY, gpu)
     grad_w = _op(2 * tokens * in_f * out_f, tokens * (in_f + out_f) * itemsize + 4 * out_f * in_f,
                  not low, OTHER_INEFFICIENCY, gpu)
     if not factorized:

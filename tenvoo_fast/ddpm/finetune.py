@@ -64,7 +64,7 @@ from .training import (SCHEDULER, VAL_TIMESTEPS, Interrupted, NonFiniteLoss, Pos
                        Stopper, describe_interval, endless_batches, ignore_sigint,
                        non_finite_message, optimizer_step, progress_bar, validation_loss)
 from .unets import DEFAULT_SIZES, build_unet, downsampling_factor
-from .generative_bases import load_generative, old_layout
+from .generative_bases import load_generative, old_layout, without_projection
 from .weights import load_state, read_state_dict
 
 #: Methods that inject nothing: every parameter, only biases, only parameters named "norm".
@@ -151,6 +151,10 @@ def base_unet(preset: str, base_weights: str | os.PathLike | None = None,
             model, note = load_generative(partial(build_unet, preset), state, where,
                                           what)
             say(note)
+        elif without_projection(state, model.state_dict()):
+            model = load_state(build_unet(preset, include_fc=False), state, where, what)
+            say(f"{where}: its attention blocks have no output projection; the UNet is built "
+                "with include_fc=False to match")
         else:
             load_state(model, state, where, what)
     else:

@@ -41,6 +41,14 @@ def old_layout(state: dict, own: dict) -> list[str]:
     return old
 
 
+def without_projection(state: dict, own: dict) -> bool:
+    """Whether ``state`` is a current-layout UNet saved with ``include_fc=False``: all it lacks
+    of ``own`` (built with the projection) are the attention output projections."""
+    missing = [k for k in own if k not in state]
+    return bool(missing) and all(".attn.out_proj." in k for k in missing) and all(
+        k in own for k in state)
+
+
 def load_generative(build: Callable[..., nn.Module], state: dict, where: str,
                     what: str) -> tuple[nn.Module, str]:
     """(``build(include_fc=False)`` holding ``state``, a sentence saying what was detected).

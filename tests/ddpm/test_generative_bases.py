@@ -49,6 +49,17 @@ def test_a_current_checkpoint_loads_as_before(tmp_path, capsys):
     assert any(k.endswith("attn.out_proj.weight") for k in model.state_dict())
 
 
+def test_a_current_checkpoint_without_projection_builds_the_unet_without_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    source = build_unet("tiny", include_fc=False)
+    torch.save(source.state_dict(), tmp_path / "nofc.pt")
+    model = base_unet("tiny", tmp_path / "nofc.pt")
+    assert "include_fc=False" in capsys.readouterr().out
+    x, t = torch.randn(1, 1, 16, 16, 16), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), source(x, t))
+
+
 @pytest.mark.parametrize("damage,message", [
     ("drop", r"needs the key '.*to_k.weight'"),
     ("drop_plain", r"1 weights of the tiny UNet are not in it \(e.g. conv_in.conv.bias\)"),

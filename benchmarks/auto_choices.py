@@ -27,7 +27,7 @@ from tenvoo_fast.ddpm.run_options import FinetuneOptions
 from tenvoo_fast.ddpm.system import versions
 from tenvoo_fast.ddpm.unets import build_unet
 from tenvoo_fast.dispatch import gpu_costs
-from tenvoo_fast.files import write_json_atomic
+from tenvoo_fast.files import atomic_path, write_json_atomic
 from tenvoo_fast.model import AdapterConfig, inject
 
 VOLUME = (128, 128, 96)
@@ -98,7 +98,8 @@ def main() -> dict:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out / "auto-choices.json", result)
-        (args.out / "auto-choices.md").write_text(
+        with atomic_path(args.out / "auto-choices.md") as tmp:
+            Path(tmp).write_text(  # noqa: E128
             f"Predicted, not measured ({result['command']}, {result['date']}, CPU, meta "
             f"device).\n\n{table}\n")
     return result

@@ -36,7 +36,7 @@ from tenvoo_fast.ddpm.activation_checkpoints import BLOCKS, checkpoint_blocks
 from tenvoo_fast.ddpm.run_options import FinetuneOptions
 from tenvoo_fast.ddpm.system import versions
 from tenvoo_fast.ddpm.unets import build_unet
-from tenvoo_fast.files import write_json_atomic
+from tenvoo_fast.files import atomic_path, write_json_atomic
 from tenvoo_fast.measure import SavedBytes, held_by
 from tenvoo_fast.model import AdapterConfig, inject
 
@@ -209,7 +209,8 @@ def main() -> dict:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out / "memory-model.json", result)
-        (args.out / "memory-model.md").write_text(
+        with atomic_path(args.out / "memory-model.md") as tmp:
+            Path(tmp).write_text(  # noqa: E128
             f"Predicted from CPU-measured bytes, calibrated on the H100 peaks (k = {k:.3f}); "
             f"not GPU measurements. {result['command']}, {result['date']}.\n\n{text}\n")
     return result

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..model.inject import _CONFIG_ATTR, adapter_layers
-from .lycoris_modules import convert_lycoris, is_lycoris, lycoris_hooks
+from .lycoris_modules import convert_lycoris, hooked_forwards, is_lycoris, lycoris_hooks
 from .peft_lora import convert_peft, export_peft, peft_layers, peft_root
 
 __all__ = ["convert", "export_peft"]
@@ -61,12 +61,8 @@ def convert(model: nn.Module) -> nn.Module:
 def _foreign_hooks(root: nn.Module) -> list[tuple[str, str]]:
     """Layers whose forward another library's module has taken over (LyCORIS's ``apply_to``
     replaces the original layer's ``forward``), and the published TenVOO layers."""
-    found = []
-    for name, m in root.named_modules():
-        owner = getattr(m.__dict__.get("forward"), "__self__", None)
-        if owner is not None and owner is not m and not is_lycoris(owner):
-            found.append((name or type(root).__name__, type(owner).__module__ + "." +
-                          type(owner).__name__))
-        elif hasattr(m, "tenvoo_weights") or hasattr(m, "quanta_weights"):
-            found.append((name, "published TenVOO " + type(m).__name__))
-    return found
+    found = [(name or type(root).__name__, f"{type(owner).__module__}.{type(owner).__name__}")
+             for name, owner in hooked_forwards(root).items() if not is_lycoris(owner)]
+    return found + [(name, "published TenVOO " + type(m).__name__)
+                    for name, m in root.named_modules()
+                    if hasattr(m, "tenvoo_weights") or hasattr(m, "quanta_weights")]

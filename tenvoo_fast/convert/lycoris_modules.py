@@ -13,6 +13,8 @@ refused naming the layer.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -36,14 +38,19 @@ def is_lycoris(owner) -> bool:
     return type(owner).__module__.startswith("lycoris.")
 
 
-def lycoris_hooks(root: nn.Module) -> dict[str, nn.Module]:
-    """Name -> the LyCORIS module whose forward replaced that layer's."""
+def hooked_forwards(root: nn.Module) -> dict[str, object]:
+    """Name -> the object whose bound method replaced that module's ``forward``."""
     found = {}
     for name, m in root.named_modules():
         owner = getattr(m.__dict__.get("forward"), "__self__", None)
-        if owner is not None and owner is not m and is_lycoris(owner):
+        if owner is not None and owner is not m:
             found[name] = owner
     return found
+
+
+def lycoris_hooks(root: nn.Module) -> dict[str, nn.Module]:
+    """Name -> the LyCORIS module whose forward replaced that layer's."""
+    return {n: owner for n, owner in hooked_forwards(root).items() if is_lycoris(owner)}
 
 
 def convert_module(name: str, layer: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
@@ -121,8 +128,7 @@ def convert_lycoris(root: nn.Module, hooks: dict[str, nn.Module]
         setattr(root.get_submodule(parent) if parent else root, child, new)
     method = {"LoConModule": "lora", "LohaModule": "loha", "LokrModule": "lokr"}[kind]
     config = AdapterConfig(method=method, rank=rank, alpha=scale * rank, lokr_factor=factor,
-                           target_modules=[f"^{n.replace('.', chr(92) + '.')}$"
-                                           for n in converted])
+                           target_modules=[f"^{re.escape(n)}$" for n in converted])
     return root, config, [note for _, note in converted.values() if note]
 
 

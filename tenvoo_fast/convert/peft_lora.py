@@ -11,6 +11,7 @@ conversion says so).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def convert_peft(model: nn.Module) -> tuple[nn.Module, AdapterConfig, list[str]]
         setattr(root.get_submodule(parent) if parent else root, child, new)
     (r, alpha), = ranks
     config = AdapterConfig(method="lora", rank=r, alpha=alpha,
-                           target_modules=[f"^{_escape(n)}$" for n in converted])
+                           target_modules=[f"^{re.escape(n)}$" for n in converted])
     return root, config, notes
 
 
@@ -135,10 +136,6 @@ def _refuse_wrappers(root: nn.Module) -> None:
             raise AdapterError(f"{name}: a peft modules_to_save copy; set its trained copy in "
                                "place of the module (or train without modules_to_save), then "
                                "convert")
-
-
-def _escape(name: str) -> str:
-    return name.replace(".", r"\.")
 
 
 def export_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
@@ -168,7 +165,7 @@ def export_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
         tensors[f"base_model.model.{name}.lora_B.weight"] = m.up.detach().contiguous().cpu()
     # A string is one regular expression peft full-matches against module names.
     config = LoraConfig(r=r, lora_alpha=scale * r, lora_dropout=0.0, bias="none",
-                        target_modules="|".join(_escape(n) for n in layers))
+                        target_modules="|".join(re.escape(n) for n in layers))
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
         config.save_pretrained(tmp)

@@ -34,8 +34,8 @@ from .costs import merged_builds
 CANDIDATES = ("triton", "torch", "reference")
 
 #: Launching calls per training step (forward and backward) of one adapted layer beyond its
-#: trainable plain layer: (kind, method) -> {(backend, strategy): launches}, the most counted
-#: over the DDPM's layer shapes at rank 4 (Triton's launches included; the recompute weight
+#: trainable plain layer: (kind, method) -> {(backend, strategy): launches}, the larger count
+#: of two DDPM layer shapes at rank 4 (Triton's launches included; the recompute weight
 #: policy). The reference backend has no strategy ("merged": it builds the weight).
 LAUNCHES: dict[tuple[str, str], dict[tuple[str, str], int]] = {
     ("conv3d", "tenvoo-l"): {("reference", "merged"): 61, ("torch", "merged"): 41,
@@ -148,7 +148,7 @@ def predicted(kind: str, method: str, device: dict[str, float], mode: str,
 def layer_args(layer, x_shape: tuple, dtype: torch.dtype) -> tuple:
     """What the prediction for ``layer`` on an input of ``x_shape`` computed in ``dtype``
     depends on, hashable (the choice is cached, and constant under ``torch.compile``)."""
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    itemsize = dtype.itemsize
     net = layer.network
     if isinstance(layer, torch.nn.Linear):
         shape = (max(math.prod(x_shape[:-1]), 1), layer.activation_equation)

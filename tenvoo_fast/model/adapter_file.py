@@ -18,6 +18,7 @@ import os
 import warnings
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -26,6 +27,7 @@ from ..errors import AdapterError, one_line
 from ..files import atomic_path
 from .config import AdapterConfig
 from .inject import adapter_layers, get_config, inject, unwrap
+from .published_checkpoint import base_differences, published_adapter, read_published
 
 FORMAT = "tenvoo_fast.adapter"
 FORMAT_VERSION = "1"
@@ -227,14 +229,26 @@ def _check_base(model, path, exclude, mode: str) -> None:
     if mine is None or mine == base["fingerprint"]:
         return
     origin = json.dumps(base["origin"]) if base["origin"] else "not recorded"
-    message = (f"{os.fspath(path)}: this model's base weights differ from the ones the adapter "
-               f"was trained on (the file's base: {origin}; fingerprint "
-               f"{base['fingerprint'][:12]}, this model's {mine[:12]}), so its outputs will not "
-               "be the fine-tuned model's; load it into that base")
+    _mismatch([], f"{os.fspath(path)}: this model's base weights differ from the ones the "
+                  f"adapter was trained on (the file's base: {origin}; fingerprint "
+                  f"{base['fingerprint'][:12]}, this model's {mine[:12]})", mode, force=True,
+              stacklevel=6)
+
+
+def _mismatch(differences: list[str], message: str, mode: str, force: bool = False,
+              stacklevel: int = 5) -> None:
+    """Warn (``mode="warn"``) or raise (``"error"``) that the base differs: ``message`` and
+    ``differences``, when there are any (or ``force``); the warning points ``stacklevel``
+    frames up (at ``load_adapter``'s caller)."""
+    if mode == "ignore" or not (differences or force):
+        return
+    if differences:
+        message += f" ({'; '.join(differences)})"
+    message += ", so its outputs will not be the fine-tuned model's; load it into that base"
     if mode == "error":
         raise AdapterError(f"{message}, or pass base_mismatch='ignore' to load it anyway")
     warnings.warn(BaseMismatchWarning(f"{message}, or pass base_mismatch='error' to make this an "
-                                      "error ('ignore' to silence it)"), stacklevel=3)
+                                      "error ('ignore' to silence it)"), stacklevel=stacklevel)
 
 
 def load_adapter(model, path: str | os.PathLike, *, base_mismatch: str = "warn"):
@@ -246,14 +260,46 @@ def load_adapter(model, path: str | os.PathLike, *, base_mismatch: str = "warn")
     If the file records a base fingerprint and the model's base weights differ from it,
     ``base_mismatch`` says what happens: ``"warn"`` (a :class:`BaseMismatchWarning`),
     ``"error"`` (:class:`AdapterError`) or ``"ignore"``. Files without one load silently.
+
+    A checkpoint of the published TenVOO code (a torch file: a full state dict, whose base is
+    compared with the model's in the same way, or a ``save_peft`` file, whose missing biases and
+    norms are warned about) loads too (:mod:`.published_checkpoint`).
     """
     if base_mismatch not in BASE_MISMATCH:
         raise AdapterError(f"load_adapter: base_mismatch must be one of {list(BASE_MISMATCH)}, "
                            f"got {base_mismatch!r}")
+    where = os.fspath(path)
+    state = None if not os.path.isfile(where) or _is_safetensors(where) else read_published(where)
+    if state is not None:
+        config, tensors, base = published_adapter(unwrap(model), state, where)
+
+        def check(exclude):
+            if base is not None:
+                _mismatch(base_differences(unwrap(model), base, exclude),
+                          f"{where}: this model's base weights differ from the base in this "
+                          "published checkpoint", base_mismatch)
+        return _load(model, config, None, tensors, where, check)
     config, saved_layers = read_adapter_metadata(path)
+    return _load(model, config, saved_layers, load_file(where), where,
+                 lambda exclude: _check_base(model, path, exclude, base_mismatch))
+
+
+def _is_safetensors(path: str) -> bool:
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except Exception:
+        return False
+
+
+def _load(model, config: AdapterConfig, saved_layers: dict | None, tensors: dict, where: str,
+          check_base) -> nn.Module:
+    """Inject ``config`` (or check the model's), check the layers against ``saved_layers``
+    (signatures; None: names only) and every tensor's name and shape, call
+    ``check_base(keys loaded)``, then copy ``tensors`` in."""
     folded = [n for n, m in adapter_layers(model).items() if m.frozen_folded]
     if folded:
-        raise AdapterError(f"{os.fspath(path)}: {folded[0]} (and {len(folded) - 1} more) has its "
+        raise AdapterError(f"{where}: {folded[0]} (and {len(folded) - 1} more) has its "
                            "frozen copy folded into the base weight (fold_frozen), so another "
                            "adapter's frozen copy cannot replace it; load the file into an "
                            "unfolded model, then fold")
@@ -263,23 +309,23 @@ def load_adapter(model, path: str | os.PathLike, *, base_mismatch: str = "warn")
     elif current.to_dict() != config.to_dict():
         a, b = current.to_dict(), config.to_dict()
         diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-        raise AdapterError(f"{os.fspath(path)} was saved with a different adapter configuration; "
+        raise AdapterError(f"{where} was saved with a different adapter configuration; "
                            f"differences (model, file): {diff}. Load it into a fresh base model, "
                            "or inject the file's configuration")
     layers = adapter_layers(model)
-    missing = sorted(set(saved_layers) - set(layers))
-    extra = sorted(set(layers) - set(saved_layers))
-    if missing or extra:
-        raise AdapterError(f"{os.fspath(path)} does not fit this model: adapted layers only in the "
-                           f"file: {missing[:5]}, only in the model: {extra[:5]}; load it into the "
-                           "base architecture it was trained on")
-    for name, layer in layers.items():
-        mine, theirs = _layer_signature(layer), saved_layers[name]
-        if mine != theirs:
-            raise AdapterError(f"{name}: the file's adapter was trained on a layer with "
-                               f"{theirs}, but this model's layer has {mine}; load it into the "
-                               "base architecture it was trained on")
-    tensors = load_file(os.fspath(path))
+    if saved_layers is not None:
+        missing = sorted(set(saved_layers) - set(layers))
+        extra = sorted(set(layers) - set(saved_layers))
+        if missing or extra:
+            raise AdapterError(f"{where} does not fit this model: adapted layers only in the "
+                               f"file: {missing[:5]}, only in the model: {extra[:5]}; load it "
+                               "into the base architecture it was trained on")
+        for name, layer in layers.items():
+            mine, theirs = _layer_signature(layer), saved_layers[name]
+            if mine != theirs:
+                raise AdapterError(f"{name}: the file's adapter was trained on a layer with "
+                                   f"{theirs}, but this model's layer has {mine}; load it into "
+                                   "the base architecture it was trained on")
     params = dict(unwrap(model).named_parameters())
     targets = {}
     for name, layer in layers.items():
@@ -291,18 +337,18 @@ def load_adapter(model, path: str | os.PathLike, *, base_mismatch: str = "warn")
     for key in tensors:
         if key not in targets:
             if key not in params:
-                raise AdapterError(f"{os.fspath(path)} holds '{key}', which this model does not "
+                raise AdapterError(f"{where} holds '{key}', which this model does not "
                                    "have; load it into the base architecture it was trained on")
             targets[key] = params[key]
     missing = [k for k in targets if k not in tensors]
     if missing:
-        raise AdapterError(f"{os.fspath(path)} lacks {missing[:5]}; the file is incomplete")
+        raise AdapterError(f"{where} lacks {missing[:5]}; the file is incomplete")
     for key, dst in targets.items():
         src = tensors[key]
         if tuple(src.shape) != tuple(dst.shape):
             raise AdapterError(f"'{key}': the file has shape {list(src.shape)}, the model "
                                f"{list(dst.shape)}; load it into the base it was trained on")
-    _check_base(model, path, set(tensors), base_mismatch)
+    check_base(set(tensors))
     with torch.no_grad():
         for key, dst in targets.items():
             dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))

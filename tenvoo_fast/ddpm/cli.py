@@ -16,7 +16,7 @@ import sys
 from .._version import __version__
 from ..dispatch import STRATEGIES, WEIGHT_POLICIES
 from ..errors import AdapterError, RunError, one_line
-from . import compare, evaluate, finetune, sample
+from . import compare, convert_files, evaluate, finetune, sample
 from .options import (HelpFormatter, Parser, add_finetune_arguments, check_device, comma_list,
                       default_device, non_negative_int, positive_float, positive_int)
 from .training import Interrupted
@@ -28,6 +28,7 @@ NEEDS = {"finetune": (("monai", "einops", "nibabel", "tqdm"), "ddpm"),
          "profile": (("monai", "einops", "nibabel", "tqdm", "matplotlib"), "ddpm"),
          "sample": (("monai", "einops", "nibabel", "matplotlib"), "ddpm"),
          "evaluate": (("monai", "nibabel"), "ddpm"),
+         "convert": (("monai", "einops"), "ddpm"),
          "check-kernels": (("triton",), "triton")}
 EXTRAS = {"ddpm": "the DDPM program's extra", "triton": "the Triton extra"}
 
@@ -186,6 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/evaluate/evaluation.json", metavar="FILE",
                     help="output JSON file")
     ev.set_defaults(func=_command(evaluate.run))
+
+    cv = commands.add_parser(
+        "convert", help="adapters from the published TenVOO code or peft as tenvoo_fast "
+                        "adapter files, and LoRA back to peft",
+        description="Convert IN to OUT for the preset's UNet. IN a published TenVOO "
+                    "checkpoint (its full state dict, or a save_peft file) or a peft adapter "
+                    "folder: OUT is a tenvoo_fast adapter file, which sample --adapter and "
+                    "load_adapter take. IN a tenvoo_fast LoRA adapter file: OUT "
+                    "is a peft adapter folder (PeftModel.from_pretrained loads it). The base "
+                    "is --base-weights, or the random UNet of --seed; a published full state "
+                    "dict can give its own (--save-base).",
+        formatter_class=HelpFormatter)
+    cv.add_argument("input", metavar="IN", help="published checkpoint (.pt), peft adapter "
+                                                "folder, or tenvoo_fast adapter file")
+    cv.add_argument("output", metavar="OUT", help="adapter file (.safetensors) or peft folder")
+    cv.add_argument("--preset", choices=("paper", "tiny"), default="paper", help="the UNet")
+    cv.add_argument("--base-weights", metavar="PATH",
+                    help="torch state_dict of the base UNet the adapter was trained on (MONAI "
+                         "core or MONAI Generative layout)")
+    cv.add_argument("--seed", type=non_negative_int, default=0,
+                    help="seed of the random base weights, without --base-weights")
+    cv.add_argument("--save-base", metavar="PATH",
+                    help="published full state dict without --base-weights: write the base it "
+                         "holds (adapted weights with the folds undone) here, as a torch "
+                         "state_dict for --base-weights")
+    cv.set_defaults(func=_command(convert_files.run))
 
     ck = commands.add_parser(
         "check-kernels", help="compile every Triton kernel and CUDA source ahead of time (no GPU needed)",

@@ -143,26 +143,32 @@ def base_unet(preset: str, base_weights: str | os.PathLike | None = None,
     (MONAI core's layout, or MONAI Generative's, detected from the keys and said with ``say``),
     or random weights (drawn from torch's global RNG: seed it first) with the output conv
     re-initialised. ``tenvoo-fast sample`` builds its base with this too."""
-    model = build_unet(preset)
     if base_weights:
-        where, what = f"--base-weights {base_weights}", f"the {preset} UNet"
-        state = read_state_dict(base_weights, "--base-weights")
-        if old_layout(state, model.state_dict()):
-            model, note = load_generative(partial(build_unet, preset), state, where,
-                                          what)
-            say(note)
-        elif without_projection(state, model.state_dict()):
-            model = load_state(build_unet(preset, include_fc=False), state, where, what)
-            say(f"{where}: its attention blocks have no output projection; the UNet is built "
-                "with include_fc=False to match")
-        else:
-            load_state(model, state, where, what)
+        return unet_from_state(preset, read_state_dict(base_weights, "--base-weights"),
+                               f"--base-weights {base_weights}", say)
+    model = build_unet(preset)
+    # MONAI zero-initialises the last conv (for training from scratch). Frozen at zero, as
+    # in adapter fine-tuning of random base weights, it would stop every gradient.
+    for module in model.out.modules():
+        if isinstance(module, nn.Conv3d):
+            module.reset_parameters()
+    return model
+
+
+def unet_from_state(preset: str, state: dict, where: str,
+                    say: Callable[[str], None] = print) -> nn.Module:
+    """``preset``'s UNet holding ``state`` (read from ``where``, an option and its file): MONAI
+    core's layout, or MONAI Generative's (detected from the keys, said with ``say``)."""
+    model, what = build_unet(preset), f"the {preset} UNet"
+    if old_layout(state, model.state_dict()):
+        model, note = load_generative(partial(build_unet, preset), state, where, what)
+        say(note)
+    elif without_projection(state, model.state_dict()):
+        model = load_state(build_unet(preset, include_fc=False), state, where, what)
+        say(f"{where}: its attention blocks have no output projection; the UNet is built "
+            "with include_fc=False to match")
     else:
-        # MONAI zero-initialises the last conv (for training from scratch). Frozen at zero, as
-        # in adapter fine-tuning of random base weights, it would stop every gradient.
-        for module in model.out.modules():
-            if isinstance(module, nn.Conv3d):
-                module.reset_parameters()
+        load_state(model, state, where, what)
     return model
 
 

@@ -239,9 +239,10 @@ class IncompleteAdapterWarning(UserWarning):
 
 #: Base tensors saved as they are compare equal within this (absolute and relative).
 BASE_TOL = 1e-6
-#: Unfolded weights compare equal within this relative (Frobenius) distance: their fp32 folds
-#: leave about 1e-5; another base's weights are about 1 away.
-UNFOLDED_RTOL = 1e-3
+#: Unfolded weights compare equal within this relative (Frobenius) distance plus this RMS: their
+#: fp32 folds leave about 1e-6 (a few ulps of T(θ0)); another base's weights differ by about
+#: their own size (1e-2 to 1e-1).
+UNFOLDED_RTOL, UNFOLDED_RMS = 1e-3, 1e-5
 
 
 def read_published(path) -> Optional[dict]:
@@ -309,10 +310,24 @@ def published_adapter(model: nn.Module, state: Mapping[str, torch.Tensor], where
     return config, tensors, (rest, unfolded)
 
 
+def published_base(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model a full published state dict holds, without its adapters: every tensor but the
+    cores, copies and flags, each adapted weight with its folds undone, under the wrapped
+    model's names (the wrapper's prefix removed). Its biases and norms are the fine-tuned ones
+    (the original base's are not in the checkpoint)."""
+    layers = published_layers(state)
+    adapter = published_state_keys(state, layers)
+    base = {k: v for k, v in state.items() if k not in adapter}
+    for name, layer in layers.items():
+        base[f"{name}.weight"] = layer.base_weight(layer.network())
+    prefix = next((p for p in _PREFIXES[1:] if all(k.startswith(p) for k in base)), "")
+    return {k[len(prefix):]: v for k, v in base.items()}
+
+
 def base_differences(model: nn.Module, base: tuple[Mapping, set], adapter_keys) -> list[str]:
     """Sentences saying where ``model``'s base differs from ``base`` (:func:`published_adapter`'s),
     empty if it does not: tensors saved as they are within :data:`BASE_TOL`, unfolded weights
-    within :data:`UNFOLDED_RTOL`."""
+    within :data:`UNFOLDED_RTOL` and :data:`UNFOLDED_RMS`."""
     base, unfolded = base
     own = {k: v for k, v in model.state_dict().items() if k not in adapter_keys
            and ".cores." not in k and ".frozen_cores." not in k}
@@ -327,7 +342,7 @@ def base_differences(model: nn.Module, base: tuple[Mapping, set], adapter_keys) 
         a, b = v.to(torch.float64), own[k].detach().cpu().to(torch.float64)
         if k in unfolded:
             return bool(torch.linalg.vector_norm(a - b) > UNFOLDED_RTOL
-                        * torch.linalg.vector_norm(b))
+                        * torch.linalg.vector_norm(b) + UNFOLDED_RMS * b.numel() ** 0.5)
         return not torch.allclose(a, b, rtol=BASE_TOL, atol=BASE_TOL)
 
     differ = [k for k, v in base.items() if k in own and differs(k, v)]

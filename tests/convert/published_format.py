@@ -3,8 +3,9 @@ conventions (issue 17 and adapters.md), not from its code: the cores in ``tenvoo
 (``quanta_weights`` with keys '-1 -2', '-1 -3', '-2 -3'), a frozen copy in buffers under
 ``tenvoo_weights2`` (``quanta_weights2``), two flags saved as ``merged.merged`` and
 ``frozen_merged.merged``; the first forward folds -T(θ0) into the weight, eval mode folds
-+T(θ) too and train mode takes it out again. ΔW comes from the spec's einsum strings in fp32,
-like the published layers (whose contraction runs in the weight's dtype)."""
++T(θ) too and train mode takes it out again. ΔW comes from the spec's einsum strings in the
+weight's dtype, like the published layers'."""
+import copy
 import math
 
 import torch
@@ -17,8 +18,11 @@ CONV = {
 }
 GATES = "efbc,diaf,ghde->ghiabc"
 PAIRS = ("-1 -2", "-1 -3", "-2 -3")
-FACTORS = {4: (2, 2, 1), 6: (3, 2, 1), 8: (2, 2, 2), 16: (4, 2, 2), 32: (4, 4, 2),
-           64: (8, 4, 2), 12: (4, 3, 1), 24: (4, 3, 2)}
+#: adapters.md §2's table, which the published code's per_dim_list holds.
+FACTORS = {1: (1, 1, 1), 2: (2, 1, 1), 4: (2, 2, 1), 6: (3, 2, 1), 8: (2, 2, 2), 12: (4, 3, 1),
+           16: (4, 2, 2), 24: (4, 3, 2), 32: (4, 4, 2), 48: (8, 3, 2), 64: (8, 4, 2),
+           96: (8, 4, 3), 128: (8, 8, 2), 192: (8, 6, 4), 256: (8, 8, 4), 384: (8, 8, 6),
+           512: (16, 8, 4), 768: (16, 8, 6), 1024: (16, 16, 4)}
 
 
 class Flag(nn.Module):
@@ -117,7 +121,7 @@ class PublishedConv3d(_Published, nn.Conv3d):
 
     def delta(self, cores):
         cout, cin, kd, kh, kw = self.weight.shape
-        t = torch.einsum(CONV[self.variant], *[c.float() for c in cores])
+        t = torch.einsum(CONV[self.variant], *[c.to(self.weight.dtype) for c in cores])
         return t.reshape(cin, kd, kh, kw, cout).permute(4, 0, 1, 2, 3)
 
     def forward(self, x):
@@ -140,7 +144,8 @@ class PublishedLinear(_Published, nn.Linear):
                      for k, s in zip(PAIRS, shapes)})
 
     def delta(self, gates):
-        return torch.einsum(GATES, *[g.float() for g in gates]).reshape(self.weight.shape)
+        return torch.einsum(GATES, *[g.to(self.weight.dtype) for g in gates]).reshape(
+            self.weight.shape)
 
     def forward(self, x):
         return F.linear(x, self.effective(), self.bias)
@@ -154,6 +159,19 @@ def adapt(model: nn.Module, names, rank=4, variant="L") -> nn.Module:
                else PublishedLinear(m, rank))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def exact(model: nn.Module, base: nn.Module) -> nn.Module:
+    """A copy of the published-format ``model`` in fp64 computing its math without the folds'
+    roundings: each adapted layer back on ``base``'s weight, nothing folded (the oracle)."""
+    model = copy.deepcopy(model).double()
+    for name, m in model.named_modules():
+        if isinstance(m, _Published):
+            with torch.no_grad():
+                m.weight.copy_(base.get_submodule(name).weight)
+            m.merged.set(False)
+            m.frozen_merged.set(False)
     return model
 
 

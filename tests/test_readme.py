@@ -20,7 +20,7 @@ def _python_blocks() -> list[str]:
 
 def test_the_using_it_examples_run(tmp_path, monkeypatch):
     pytest.importorskip("monai")
-    first, config, _ = _python_blocks()
+    first, config, *_ = _python_blocks()
     constructor = re.search(r"model = (DiffusionModelUNet\(.*?\))\n", first, flags=re.S).group(1)
     assert "fresh = DiffusionModelUNet(...)" in first
     code = (first.replace("model = DiffusionModelUNet(", "torch.manual_seed(0); model = "
@@ -48,7 +48,7 @@ def test_the_peft_example_runs(tmp_path, monkeypatch):
     """The "From peft" example, on a small model whose peft LoRA was saved as the example's
     folder; the exported folder loads back into peft with the same outputs."""
     peft = pytest.importorskip("peft")
-    *_, example = _python_blocks()
+    _, _, example, _ = _python_blocks()
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 3, padding=1), torch.nn.Flatten(),
                                torch.nn.Linear(3 * 27, 4))
@@ -66,6 +66,29 @@ def test_the_peft_example_runs(tmp_path, monkeypatch):
         torch.testing.assert_close(scope["model"](x), trained(x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(reloaded(x), trained(x), rtol=1e-5, atol=1e-6)
     assert (tmp_path / "adapter.safetensors").is_file()
+
+
+def test_the_published_example_runs(tmp_path, monkeypatch):
+    """The "From the published TenVOO code" example, on a small model adapted by layers that
+    save and compute as the published ones: both lines give the published model's outputs."""
+    from tests.convert.published_format import adapt
+    *_, example = _python_blocks()
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv3d(4, 8, 3, padding=1),
+                               torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(8, 16))
+    published_model = torch.nn.Module()
+    published_model.model = adapt(_copy(base), ["0", "3"])
+    x = torch.randn(2, 4, 3, 3, 3)
+    with torch.no_grad():
+        want = published_model.model(x)
+    monkeypatch.chdir(tmp_path)
+    torch.save(published_model.state_dict(), "published_state_dict.pt")
+    scope = {"published_model": published_model, "base": _copy(base)}
+    exec(compile("import tenvoo_fast as tf\n" + example, "README.md", "exec"), scope)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"](x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scope["base"](x), want, rtol=1e-5, atol=1e-5)
 
 
 def _copy(module):

@@ -160,23 +160,31 @@ class NiftiVolumes(Dataset):
 
     With ``spacing`` the voxel size is fixed, so the volume is padded or cropped to ``size``
     (keeping the physical scale); without it the whole volume is resized to ``size``, as the
-    paper does.
+    paper does. ``field_of_view``: pad (mode "minimum") or crop to it first, in the
+    file's voxel order, as the published recipe does (then a ``size`` equal to it is not
+    resampled).
     """
 
     def __init__(self, files: Sequence[Path], size: Sequence[int],
-                 spacing: Sequence[float] | None = None):
+                 spacing: Sequence[float] | None = None,
+                 field_of_view: Sequence[int] | None = None):
         from monai.transforms import (Compose, EnsureChannelFirst, EnsureType, LoadImage,
                                       Orientation, Resize, ResizeWithPadOrCrop, ScaleIntensity,
                                       Spacing)
         self.files = list(files)
         self.load = LoadImage(image_only=True, reader="NibabelReader")
-        steps = [EnsureChannelFirst(),
-                 # NIfTI's world space is RAS; naming the labels keeps that across MONAI
-                 # versions (the default is changing to "from the image's metadata").
-                 Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+        steps = [EnsureChannelFirst()]
+        if field_of_view is not None:      # the published recipe: before anything else
+            steps.append(ResizeWithPadOrCrop(tuple(field_of_view), mode="minimum"))
+        # NIfTI's world space is RAS; naming the labels keeps that across MONAI versions (the
+        # default is changing to "from the image's metadata").
+        steps.append(Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
         if spacing is not None:
             steps += [Spacing(pixdim=tuple(spacing), mode="bilinear"),
                       ScaleIntensity(minv=0.0, maxv=1.0), ResizeWithPadOrCrop(tuple(size))]
+        elif field_of_view is not None and tuple(size) == tuple(field_of_view):
+            # Already that size (unless reorientation swapped axes): no interpolation.
+            steps += [ScaleIntensity(minv=0.0, maxv=1.0), ResizeWithPadOrCrop(tuple(size))]
         else:
             steps += [ScaleIntensity(minv=0.0, maxv=1.0), Resize(tuple(size), mode="trilinear")]
         steps.append(EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
@@ -213,7 +221,8 @@ def split(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 
 def training_volumes(size: Sequence[int], seed: int, *, data: str | Path | None = None,
-                     num_volumes: int = 20, spacing: Sequence[float] | None = None
+                     num_volumes: int = 20, spacing: Sequence[float] | None = None,
+                     field_of_view: Sequence[int] | None = None
                      ) -> tuple[Dataset, Dataset, str]:
     """The train and validation sets and a one-line description of the data.
 
@@ -224,7 +233,7 @@ def training_volumes(size: Sequence[int], seed: int, *, data: str | Path | None 
         description = f"{num_volumes} synthetic phantoms"
     else:
         files, others = nifti_files(data)
-        volumes = NiftiVolumes(files, size, spacing)
+        volumes = NiftiVolumes(files, size, spacing, field_of_view)
         description = f"{len(files)} NIfTI files in {data}"
         if others:
             description += f" (ignored {len(others)} other entries, e.g. {others[0].name})"

@@ -20,6 +20,7 @@ its share of the volumes; only rank 0 reports and writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -54,6 +55,7 @@ from .activation_checkpoints import checkpoint_blocks
 from .data import training_volumes
 from .launch_count import counting, summary as launch_summary
 from .profiler import step_profiler
+from .recipes import RECIPES, batches_before, micro_batches, steps_per_epoch
 from .run_options import FinetuneOptions
 from .run_state import (ADAPTER, METRICS, TRAINED, check_finite_parameters, prepare_out,
                         read_state, restore, rng_states, run_identity, save_checkpoint,
@@ -82,13 +84,14 @@ def run(opts: FinetuneOptions) -> dict:
     Raises :class:`RunError` (or :class:`AdapterError`) for anything the user can fix, before
     training starts where it can be known then.
     """
-    opts = FinetuneOptions.from_namespace(opts)
+    opts = resolve_recipe(FinetuneOptions.from_namespace(opts))
+    recipe = RECIPES[opts.recipe]
     size = volume_size(opts.preset, opts.size)
     if opts.spacing and not opts.data:
         raise RunError("--spacing resamples NIfTI volumes and needs --data DIR; the synthetic "
                        "phantoms are generated at --size")
     device = torch.device(opts.device)
-    amp = opts.amp or ("bf16" if device.type == "cuda" else "none")
+    amp = opts.amp or (recipe.cuda_amp if device.type == "cuda" else "none")
     if amp == "fp16" and device.type != "cuda":
         raise RunError("--amp fp16 needs a CUDA device (it trains with a gradient scaler); "
                        "use --amp bf16 or --amp none on the CPU")
@@ -110,6 +113,21 @@ def run(opts: FinetuneOptions) -> dict:
             torch.distributed.destroy_process_group()
 
 
+def resolve_recipe(opts: FinetuneOptions) -> FinetuneOptions:
+    """``--preset published`` as the paper UNet with the published recipe (at the published
+    field of view unless --size says otherwise), and the recipe's run length when neither
+    --steps nor --epochs is given."""
+    if opts.preset == "published":
+        opts = dataclasses.replace(opts, preset="paper", recipe="published",
+                                   size=opts.size or list(DEFAULT_SIZES["published"]))
+    if opts.recipe not in RECIPES:
+        raise RunError(f"--recipe {opts.recipe}: choose one of {', '.join(RECIPES)}")
+    if opts.steps is None and opts.epochs is None:
+        steps, epochs = RECIPES[opts.recipe].default_length
+        opts = dataclasses.replace(opts, steps=steps, epochs=epochs)
+    return opts
+
+
 def _check_graph(opts, amp: str, world_size: int) -> None:
     """--graph's limits, said before anything is built."""
     if not opts.graph:
@@ -120,6 +138,9 @@ def _check_graph(opts, amp: str, world_size: int) -> None:
     if world_size > 1:
         raise RunError(f"--graph runs one process, not {world_size} (DDP's all-reduce is not "
                        "captured); drop --graph under torchrun")
+    if RECIPES[opts.recipe].partial_last_step:
+        raise RunError(f"--graph captures a step of --accum micro-batches, but the {opts.recipe} "
+                       "recipe's last step of each epoch takes fewer; drop --graph")
     if opts.compile:
         raise RunError("--graph and --compile both remove the step's host overhead; choose "
                        "one of them")
@@ -183,7 +204,8 @@ def _run(opts, size, amp, device, rank, world_size) -> dict:
         torch.distributed.barrier()  # rank 0 has checked and cleaned the folder
     state = read_state(out, identity, world_size) if opts.resume else None
     train_set, val_set, data_description = training_volumes(
-        size, opts.seed, data=opts.data, num_volumes=opts.num_volumes, spacing=opts.spacing)
+        size, opts.seed, data=opts.data, num_volumes=opts.num_volumes, spacing=opts.spacing,
+        field_of_view=RECIPES[opts.recipe].field_of_view)
 
     torch.manual_seed(opts.seed)  # the same base weights on every rank and on resume
     model = _build_model(opts, state, say)
@@ -225,7 +247,8 @@ def _describe(opts, model, identity, size, amp, device, world_size, data, say) -
     adapter = opts.method in ADAPTER_METHODS
     say(f"tenvoo-fast finetune: {opts.method}" + (f" (rank {opts.rank})" if adapter else "")
         + f" on the {opts.preset} UNet, {'x'.join(map(str, size))} volumes, {device}, "
-          f"amp {amp}, {world_size} process(es)")
+          f"amp {amp}, {world_size} process(es)"
+        + (f", the {opts.recipe} recipe" if opts.recipe != "tenvoo_fast" else ""))
     say(f"data: {data_description}")
     say(f"parameters: {trainable:,} trainable of {total:,} total; {n_layers} adapted layers")
     say(f"backend: {current_backend()} (available: {', '.join(available_backends())})")
@@ -233,7 +256,8 @@ def _describe(opts, model, identity, size, amp, device, world_size, data, say) -
         say(f"--fold-frozen: T(θ0) folded into {len(folded_layers(model))} of {n_layers} adapted "
             "layers' base weights (the others have no frozen copy or a low-precision base)")
     return dict(
-        preset=opts.preset, size=list(size), method=opts.method, rank=identity["rank"],
+        preset=opts.preset, recipe=opts.recipe, size=list(size), method=opts.method,
+        rank=identity["rank"],
         targets=identity["targets"], trainable=identity["trainable"], amp=amp, device=str(device),
         world_size=world_size, backend=current_backend(), strategy=current_strategy(),
         weight_policy=current_weight_policy(),
@@ -265,6 +289,8 @@ class _Training:
     saved_bytes: int | None = None      # what the first micro-batch saved for backward
     static: StaticStep | None = None    # --graph: the step over static buffers
     graph_failure_said: bool = False
+    #: step -> how many micro-batches it takes (the recipe's)
+    micro_batches: Callable[[int], int] | None = None
 
     @classmethod
     def begin(cls, opts, model, state, train_set, amp, device, rank, world_size, say):
@@ -307,7 +333,9 @@ class _Training:
                             num_workers=opts.workers, persistent_workers=opts.workers > 0,
                             pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint,
                             generator=torch.Generator().manual_seed(mix_seed(opts.seed, rank, 1)))
-        steps = math.ceil(opts.epochs * len(loader) / opts.accum) if opts.epochs else opts.steps
+        recipe = RECIPES[opts.recipe]
+        per_epoch = steps_per_epoch(len(loader), opts.accum, recipe)
+        steps = math.ceil(opts.epochs * per_epoch - 1e-9) if opts.epochs else opts.steps
         steps = max(steps, start)  # a resumed run never goes back
         autocast = partial(torch.autocast, device.type, dtype=AMP_DTYPES[amp],
                            enabled=AMP_DTYPES[amp] is not None)
@@ -319,8 +347,11 @@ class _Training:
                              warmup=WARMUP_STEPS + 1 if opts.count_launches else WARMUP_STEPS - 1)
                   if opts.graph else None)
         return cls(model, optimizer, scaler, noise_rng, run,
-                   endless_batches(loader, consumed=start * opts.accum), inferer, autocast,
-                   device, start, steps, static=static)
+                   endless_batches(loader, consumed=batches_before(start, len(loader),
+                                                                   opts.accum, recipe)),
+                   inferer, autocast, device, start, steps, static=static,
+                   micro_batches=partial(micro_batches, batches_per_epoch=len(loader),
+                                         accum=opts.accum, recipe=recipe))
 
 
 class _Checkpointer:
@@ -377,10 +408,11 @@ def _train(t: _Training, opts, out: Path, checkpoint, main: bool, world_size: in
                             loss, volumes = t.static(t.batches, t.noise_rng, saved,
                                                      eager=step == counted)
                         else:
-                            loss, volumes = optimizer_step(t.model, t.batches, t.inferer,
-                                                           t.optimizer, t.scaler, t.autocast,
-                                                           opts.accum, device, world_size,
-                                                           t.noise_rng, saved)
+                            loss, volumes = optimizer_step(
+                                t.model, t.batches, t.inferer, t.optimizer, t.scaler,
+                                t.autocast, t.micro_batches(step), device, world_size,
+                                t.noise_rng, saved,
+                                mean=RECIPES[opts.recipe].accumulated_loss == "mean")
                     if saved is not None:
                         t.saved_bytes = saved.bytes
                 except NonFiniteLoss as e:
@@ -432,7 +464,8 @@ def _report(t: _Training, opts, out: Path, identity: dict, metrics: dict, times,
     step_time = statistics.median(times[WARMUP_STEPS:]) if len(times) > WARMUP_STEPS else None
     volumes_per_step = opts.batch_size * opts.accum * world_size
     val_loss = (validation_loss(unwrap(t.model), val_set, t.inferer, t.autocast, device,
-                                opts.seed) if main else None)
+                                opts.seed, RECIPES[opts.recipe].validation_timesteps)
+                if main else None)
     metrics.update(val_loss=val_loss, step_time_s=step_time, lr_history=t.run["lr_history"],
                    volumes_per_s=volumes_per_step / step_time if step_time else None,
                    peak_memory_bytes=peak_memory_bytes(device),

@@ -12,6 +12,7 @@ from ..dispatch import STRATEGIES, WEIGHT_POLICIES
 from ..errors import RunError, one_line
 from .finetune import AMP_DTYPES, METHODS
 from .profiler import PROFILE_STEPS
+from .recipes import RECIPES
 from .run_options import FinetuneOptions, default_device
 from .unets import DEFAULT_SIZES
 
@@ -90,8 +91,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``finetune`` options (defaults: :class:`.run_options.FinetuneOptions`)."""
     d = FinetuneOptions(device="cpu")
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=("paper", "tiny"), default=d.preset,
-                       help="the paper's 166.7M-parameter UNet, or a tiny one for CPUs")
+    model.add_argument("--preset", choices=("paper", "tiny", "published"), default=d.preset,
+                       help="the paper's 166.7M-parameter UNet, a tiny one for CPUs, or "
+                            "'published': the paper's UNet trained as the published TenVOO "
+                            "script trains it (--recipe published)")
     model.add_argument("--method", choices=METHODS, default=d.method,
                        help="adapter method; full/bias/norm inject nothing and train all "
                             "parameters / only biases / only parameters named 'norm'")
@@ -121,8 +124,15 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, default=d.steps,
-                        help="optimizer steps in total (a resumed run continues to this)")
+                        help="optimizer steps in total (a resumed run continues to this); "
+                             "default: 100, or 10 epochs with --recipe published")
     length.add_argument("--epochs", type=positive_float, help="train for this many epochs")
+    train.add_argument("--recipe", choices=tuple(RECIPES), default=d.recipe,
+                       help="how to train: this package's defaults, or the published TenVOO "
+                            "script's (loss summed over accumulation, partial last step of an "
+                            "epoch, 10 epochs, fp16 with a gradient scaler on CUDA, random "
+                            "validation timesteps, NIfTI padded/cropped to 160x224x160 first; "
+                            "README, 'Recipes')")
     train.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
     train.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="volumes per batch")
     train.add_argument("--accum", type=positive_int, default=d.accum,

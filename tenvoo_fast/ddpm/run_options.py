@@ -38,7 +38,8 @@ class FinetuneOptions:
     spacing: Optional[list] = None
     workers: int = 0
     # training
-    steps: int = 100
+    recipe: str = "tenvoo_fast"
+    steps: Optional[int] = None          # None (and no epochs): the recipe's default length
     epochs: Optional[float] = None
     lr: float = 5e-5
     batch_size: int = 1

@@ -69,7 +69,9 @@ def run_identity(opts, size, amp, world_size) -> dict:
             "batch_size": opts.batch_size, "accum": opts.accum, "amp": amp,
             "world_size": world_size,
             # None, not False, unfolded: checkpoints from before the option compare equal.
-            "fold_frozen": True if getattr(opts, "fold_frozen", False) and adapter else None}
+            "fold_frozen": True if getattr(opts, "fold_frozen", False) and adapter else None,
+            # None for the default recipe, as above.
+            "recipe": None if opts.recipe == "tenvoo_fast" else opts.recipe}
 
 
 #: The option that sets each identity entry, for the refusal message.
@@ -78,7 +80,8 @@ IDENTITY_FLAGS = {"preset": "--preset", "method": "--method", "rank": "--rank",
                    "base_weights": "--base-weights", "seed": "--seed", "size": "--size",
                    "data": "--data", "num_volumes": "--num-volumes", "spacing": "--spacing",
                    "batch_size": "--batch-size", "accum": "--accum", "amp": "--amp",
-                   "world_size": "the number of processes", "fold_frozen": "--fold-frozen"}
+                   "world_size": "the number of processes", "fold_frozen": "--fold-frozen",
+                   "recipe": "--recipe"}
 
 
 def read_state(out: Path, identity: dict, world_size: int) -> dict:

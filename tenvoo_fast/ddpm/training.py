@@ -143,9 +143,10 @@ def endless_batches(loader: DataLoader, consumed: int):
 
 
 def optimizer_step(model, batches, inferer, optimizer, scaler, autocast, accum, device,
-                   world_size, noise_rng, saved=None) -> tuple[float, int]:
+                   world_size, noise_rng, saved=None, mean: bool = True) -> tuple[float, int]:
     """One optimizer step over ``accum`` micro-batches: MSE between predicted and true noise at
-    uniformly drawn timesteps. Returns the loss (mean over micro-batches and processes) and the
+    uniformly drawn timesteps, backpropagated divided by ``accum`` (``mean``) or as it is (the
+    published recipe's sum). Returns the loss (mean over micro-batches and processes) and the
     number of volumes seen; raises :class:`NonFiniteLoss` before the optimizer step when the
     loss is not finite. ``saved``: a :class:`~tenvoo_fast.measure.SavedBytes` that measures
     the first micro-batch's forward (what it keeps for its backward)."""
@@ -166,7 +167,7 @@ def optimizer_step(model, batches, inferer, optimizer, scaler, autocast, accum, 
                 prediction = inferer(inputs=images, diffusion_model=model, noise=noise,
                                      timesteps=timesteps)
             loss = F.mse_loss(prediction.float(), noise)
-            scaler.scale(loss / accum).backward()
+            scaler.scale(loss / accum if mean else loss).backward()
         loss_sum += loss.detach()
     loss_mean = loss_sum / accum
     if world_size > 1:
@@ -183,14 +184,19 @@ def optimizer_step(model, batches, inferer, optimizer, scaler, autocast, accum, 
 
 
 @torch.no_grad()
-def validation_loss(model, val_set, inferer, autocast, device, seed) -> float | None:
-    """Mean noise-prediction MSE over the validation volumes at ``VAL_TIMESTEPS`` evenly spaced
-    timesteps, with noise fixed by ``seed`` so runs compare; None without validation volumes."""
+def validation_loss(model, val_set, inferer, autocast, device, seed,
+                    timesteps: str = "even") -> float | None:
+    """Mean noise-prediction MSE over the validation volumes at ``VAL_TIMESTEPS`` timesteps,
+    evenly spaced (``"even"``) or drawn uniformly (``"random"``, the published recipe's), with
+    noise and timesteps fixed by ``seed`` so runs compare; None without validation volumes."""
     if len(val_set) == 0:
         return None
     generator = torch.Generator().manual_seed(seed)
     n = SCHEDULER["num_train_timesteps"]
-    timesteps = [int((k + 0.5) * n / VAL_TIMESTEPS) for k in range(VAL_TIMESTEPS)]
+    if timesteps == "random":
+        timesteps = torch.randint(0, n, (VAL_TIMESTEPS,), generator=generator).tolist()
+    else:
+        timesteps = [int((k + 0.5) * n / VAL_TIMESTEPS) for k in range(VAL_TIMESTEPS)]
     model.eval()
     losses = []
     for i in range(len(val_set)):

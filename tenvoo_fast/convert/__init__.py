@@ -5,8 +5,9 @@ and back.
 - :func:`convert`: peft LoRA on Conv3d and Linear (rsLoRA's scale included), LyCORIS's
   LoCon, LoHa and LoKr modules (hooked into the layers by its ``apply_to``), and the published
   TenVOO code's Conv3d (TenVOO-L/Q) and Linear (QuanTA) layers;
-- :func:`load_published` (through :func:`~tenvoo_fast.load_adapter`): a published TenVOO
-  checkpoint (a full state dict, or a ``save_peft`` file) into a model;
+- :func:`~tenvoo_fast.model.load_published` (and :func:`~tenvoo_fast.load_adapter` given its
+  file): a published TenVOO checkpoint (a full state dict, or a ``save_peft`` file) into a
+  model;
 - :func:`export_peft`: tenvoo_fast LoRA layers as a peft adapter folder.
 
 Adapters of any other kind in the model (another library's module hooked into a layer's

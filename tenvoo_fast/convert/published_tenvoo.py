@@ -16,22 +16,18 @@ from ..errors import AdapterError
 from ..methods.quanta import QuanTALinear
 from ..methods.tenvoo import TenVOOConv3d
 from ..model.config import AdapterConfig
+from ..model.inject import _set_submodule, mark_trainable
 from ..model.published_checkpoint import layer_config, published_layers
+from ..nn.conv3d import meta_conv3d_like
+from ..nn.linear import meta_linear_like
 
 
 def _plain_layer(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A plain Conv3d / Linear with ``module``'s settings and bias and the weight ``weight``."""
-    bias = module.bias
-    if isinstance(module, nn.Conv3d):
-        new = nn.Conv3d(module.in_channels, module.out_channels, module.kernel_size,
-                        stride=module.stride, padding=module.padding, dilation=module.dilation,
-                        groups=module.groups, bias=bias is not None,
-                        padding_mode=module.padding_mode, device="meta")
-    else:
-        new = nn.Linear(module.in_features, module.out_features, bias=bias is not None,
-                        device="meta")
+    new = (meta_conv3d_like(module) if isinstance(module, nn.Conv3d)
+           else meta_linear_like(module))
     new.weight = nn.Parameter(weight, requires_grad=False)
-    new.bias = bias
+    new.bias = module.bias
     return new
 
 
@@ -46,8 +42,10 @@ def convert_published(root: nn.Module, modules: Mapping[str, nn.Module]
                       ) -> tuple[nn.Module, AdapterConfig, list[str]]:
     """Replace the published TenVOO layers ``modules`` of ``root``, in place, by TenVOOConv3d /
     QuanTALinear holding the same cores, frozen copies, bias and base weight (folds undone);
-    returns (root, its adapter config, notes). Every layer is checked before any is replaced."""
-    converted, parsed = {}, {}
+    returns (root, its adapter config, notes). Every layer is checked before any is replaced.
+    What trains is what the published training trains: the cores, the adapted layers' biases
+    and the norms."""
+    parsed = {}
     for name, m in modules.items():
         if getattr(m, "fan_in_fan_out", False):
             raise AdapterError(f"{name}: a published Linear with fan_in_fan_out=True (a "
@@ -56,10 +54,18 @@ def convert_published(root: nn.Module, modules: Mapping[str, nn.Module]
             raise AdapterError(f"{name}: a published TenVOO layer on a {type(m).__name__}; "
                                "tenvoo_fast adapts Conv3d and Linear layers")
         state = {f"{name}.{k}": v for k, v in m.state_dict().items()}
-        layer, = published_layers(state).values()
-        parsed[name] = layer
+        parsed[name], = published_layers(state).values()
+        if parsed[name].frozen is None:
+            raise AdapterError(f"{name}: a published layer without its frozen copy "
+                               "(tenvoo_weights2 / quanta_weights2), which the published "
+                               "layers always keep")
+    # What the published training trains besides the cores (adapters.md §6's default), whatever
+    # requires_grad says now (a model prepared for inference has it off everywhere).
+    config = layer_config(parsed, modules)
+    converted = {}
+    for name, layer in parsed.items():
         net = layer.network()
-        plain = _plain_layer(m, layer.base_weight(net))
+        plain = _plain_layer(modules[name], layer.base_weight(net))
         cls = TenVOOConv3d if layer.is_conv else QuanTALinear
         new = cls._build(plain, net, name, frozen_copy=True)
         with torch.no_grad():
@@ -68,10 +74,6 @@ def convert_published(root: nn.Module, modules: Mapping[str, nn.Module]
             for dst, src in zip(new.frozen_cores, layer.frozen):
                 dst.copy_(src)
         converted[name] = new
-    trains_bias = any(m.bias is not None and m.bias.requires_grad for m in modules.values())
-    trains_norm = any(p.requires_grad for n, p in root.named_parameters() if "norm" in n)
-    trainable = [t for t, on in (("bias", trains_bias), ("norm", trains_norm)) if on]
-    config = layer_config(parsed, modules, trainable=trainable)
     notes = []
     dropouts = sorted({float(m.dropout.p) for m in modules.values()
                        if isinstance(getattr(m, "dropout", None), nn.Dropout)})
@@ -79,6 +81,6 @@ def convert_published(root: nn.Module, modules: Mapping[str, nn.Module]
         notes.append(f"the published layers' dropout (p={dropouts}) is not part of "
                      "tenvoo_fast's layers: the converted model trains without it")
     for name, new in converted.items():
-        parent, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, child, new)
+        _set_submodule(root, name, new)
+    mark_trainable(root, config)
     return root, config, notes

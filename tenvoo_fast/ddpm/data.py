@@ -183,8 +183,9 @@ class NiftiVolumes(Dataset):
             steps += [Spacing(pixdim=tuple(spacing), mode="bilinear"),
                       ScaleIntensity(minv=0.0, maxv=1.0), ResizeWithPadOrCrop(tuple(size))]
         elif field_of_view is not None and tuple(size) == tuple(field_of_view):
-            # Already that size (unless reorientation swapped axes): no interpolation.
-            steps += [ScaleIntensity(minv=0.0, maxv=1.0), ResizeWithPadOrCrop(tuple(size))]
+            # Already that size: no interpolation (resized only if reorientation swapped axes).
+            steps += [ScaleIntensity(minv=0.0, maxv=1.0), _ResizeIfNeeded(Resize(tuple(size),
+                                                                             mode="trilinear"))]
         else:
             steps += [ScaleIntensity(minv=0.0, maxv=1.0), Resize(tuple(size), mode="trilinear")]
         steps.append(EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False))
@@ -210,6 +211,19 @@ class NiftiVolumes(Dataset):
             return self.transform(image)
         except Exception as e:
             raise VolumeError(f"{path}: could not be loaded ({one_line(e)})") from e
+
+
+class _ResizeIfNeeded:
+    """MONAI's ``Resize``, skipped for a volume that already has its size (Resize would still
+    interpolate it)."""
+
+    def __init__(self, resize):
+        self.resize = resize
+
+    def __call__(self, volume):
+        if tuple(volume.shape[1:]) == tuple(self.resize.spatial_size):
+            return volume
+        return self.resize(volume)
 
 
 def split(n: int, seed: int) -> tuple[list[int], list[int]]:

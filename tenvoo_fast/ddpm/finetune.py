@@ -55,7 +55,7 @@ from .activation_checkpoints import checkpoint_blocks
 from .data import training_volumes
 from .launch_count import counting, summary as launch_summary
 from .profiler import step_profiler
-from .recipes import RECIPES, batches_before, micro_batches, steps_per_epoch
+from .recipes import RECIPES, Recipe, batches_before, micro_batches, steps_per_epoch
 from .run_options import FinetuneOptions
 from .run_state import (ADAPTER, METRICS, TRAINED, check_finite_parameters, prepare_out,
                         read_state, restore, rng_states, run_identity, save_checkpoint,
@@ -118,8 +118,13 @@ def resolve_recipe(opts: FinetuneOptions) -> FinetuneOptions:
     field of view unless --size says otherwise), and the recipe's run length when neither
     --steps nor --epochs is given."""
     if opts.preset == "published":
+        if opts.recipe not in (None, "published"):
+            raise RunError(f"--preset published trains with the published recipe, not "
+                           f"--recipe {opts.recipe}; use --preset paper --recipe {opts.recipe}")
         opts = dataclasses.replace(opts, preset="paper", recipe="published",
-                                   size=opts.size or list(DEFAULT_SIZES["published"]))
+                                   size=opts.size or list(RECIPES["published"].field_of_view))
+    if opts.recipe is None:
+        opts = dataclasses.replace(opts, recipe="tenvoo_fast")
     if opts.recipe not in RECIPES:
         raise RunError(f"--recipe {opts.recipe}: choose one of {', '.join(RECIPES)}")
     if opts.steps is None and opts.epochs is None:
@@ -138,9 +143,11 @@ def _check_graph(opts, amp: str, world_size: int) -> None:
     if world_size > 1:
         raise RunError(f"--graph runs one process, not {world_size} (DDP's all-reduce is not "
                        "captured); drop --graph under torchrun")
-    if RECIPES[opts.recipe].partial_last_step:
-        raise RunError(f"--graph captures a step of --accum micro-batches, but the {opts.recipe} "
-                       "recipe's last step of each epoch takes fewer; drop --graph")
+    recipe = RECIPES[opts.recipe]
+    if opts.accum > 1 and (recipe.partial_last_step or recipe.accumulated_loss != "mean"):
+        raise RunError(f"--graph captures a step of --accum micro-batches averaged, but the "
+                       f"{opts.recipe} recipe sums them and shortens each epoch's last step; "
+                       "drop --graph (or use --accum 1)")
     if opts.compile:
         raise RunError("--graph and --compile both remove the step's host overhead; choose "
                        "one of them")
@@ -291,6 +298,7 @@ class _Training:
     graph_failure_said: bool = False
     #: step -> how many micro-batches it takes (the recipe's)
     micro_batches: Callable[[int], int] | None = None
+    recipe: Recipe = RECIPES["tenvoo_fast"]
 
     @classmethod
     def begin(cls, opts, model, state, train_set, amp, device, rank, world_size, say):
@@ -351,7 +359,7 @@ class _Training:
                                                                    opts.accum, recipe)),
                    inferer, autocast, device, start, steps, static=static,
                    micro_batches=partial(micro_batches, batches_per_epoch=len(loader),
-                                         accum=opts.accum, recipe=recipe))
+                                         accum=opts.accum, recipe=recipe), recipe=recipe)
 
 
 class _Checkpointer:
@@ -412,7 +420,7 @@ def _train(t: _Training, opts, out: Path, checkpoint, main: bool, world_size: in
                                 t.model, t.batches, t.inferer, t.optimizer, t.scaler,
                                 t.autocast, t.micro_batches(step), device, world_size,
                                 t.noise_rng, saved,
-                                mean=RECIPES[opts.recipe].accumulated_loss == "mean")
+                                mean=t.recipe.accumulated_loss == "mean")
                     if saved is not None:
                         t.saved_bytes = saved.bytes
                 except NonFiniteLoss as e:
@@ -464,7 +472,7 @@ def _report(t: _Training, opts, out: Path, identity: dict, metrics: dict, times,
     step_time = statistics.median(times[WARMUP_STEPS:]) if len(times) > WARMUP_STEPS else None
     volumes_per_step = opts.batch_size * opts.accum * world_size
     val_loss = (validation_loss(unwrap(t.model), val_set, t.inferer, t.autocast, device,
-                                opts.seed, RECIPES[opts.recipe].validation_timesteps)
+                                opts.seed, t.recipe.validation_timesteps)
                 if main else None)
     metrics.update(val_loss=val_loss, step_time_s=step_time, lr_history=t.run["lr_history"],
                    volumes_per_s=volumes_per_step / step_time if step_time else None,

@@ -128,7 +128,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: 100, or 10 epochs with --recipe published")
     length.add_argument("--epochs", type=positive_float, help="train for this many epochs")
     train.add_argument("--recipe", choices=tuple(RECIPES), default=d.recipe,
-                       help="how to train: this package's defaults, or the published TenVOO "
+                       help="how to train: this package's defaults (tenvoo_fast; published "
+                            "with --preset published), or the published TenVOO "
                             "script's (loss summed over accumulation, partial last step of an "
                             "epoch, 10 epochs, fp16 with a gradient scaler on CUDA, random "
                             "validation timesteps, NIfTI padded/cropped to 160x224x160 first; "

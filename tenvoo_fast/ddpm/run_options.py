@@ -38,7 +38,7 @@ class FinetuneOptions:
     spacing: Optional[list] = None
     workers: int = 0
     # training
-    recipe: str = "tenvoo_fast"
+    recipe: Optional[str] = None         # None: "published" for --preset published, else ours
     steps: Optional[int] = None          # None (and no epochs): the recipe's default length
     epochs: Optional[float] = None
     lr: float = 5e-5

@@ -103,7 +103,9 @@ def read_state(out: Path, identity: dict, world_size: int) -> dict:
     if state["step"] != manifest["step"]:
         raise RunError(f"--resume: {path} is of step {state['step']} but the manifest says "
                        f"{manifest['step']}; the checkpoint was changed by hand")
-    differences = [f"{IDENTITY_FLAGS[key]} (saved {state['run'].get(key)!r}, now {value!r})"
+    shown = {"recipe": lambda v: v or "tenvoo_fast"}      # None stands for the default
+    differences = [f"{IDENTITY_FLAGS[key]} (saved {shown.get(key, repr)(state['run'].get(key))}"
+                   f", now {shown.get(key, repr)(value)})"
                    for key, value in identity.items() if state["run"].get(key) != value]
     if differences:
         raise RunError(f"--resume: the run in {out} was started with other options: "

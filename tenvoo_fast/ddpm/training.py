@@ -185,15 +185,15 @@ def optimizer_step(model, batches, inferer, optimizer, scaler, autocast, accum, 
 
 @torch.no_grad()
 def validation_loss(model, val_set, inferer, autocast, device, seed,
-                    timesteps: str = "even") -> float | None:
+                    spacing: str = "even") -> float | None:
     """Mean noise-prediction MSE over the validation volumes at ``VAL_TIMESTEPS`` timesteps,
-    evenly spaced (``"even"``) or drawn uniformly (``"random"``, the published recipe's), with
+    evenly spaced (``spacing="even"``) or drawn uniformly (``"random"``, the published recipe's), with
     noise and timesteps fixed by ``seed`` so runs compare; None without validation volumes."""
     if len(val_set) == 0:
         return None
     generator = torch.Generator().manual_seed(seed)
     n = SCHEDULER["num_train_timesteps"]
-    if timesteps == "random":
+    if spacing == "random":
         timesteps = torch.randint(0, n, (VAL_TIMESTEPS,), generator=generator).tolist()
     else:
         timesteps = [int((k + 0.5) * n / VAL_TIMESTEPS) for k in range(VAL_TIMESTEPS)]

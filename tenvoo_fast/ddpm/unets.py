@@ -16,12 +16,10 @@ TINY_UNET = dict(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=2
                  channels=(8, 8, 16, 16), attention_levels=(False, False, True, True),
                  norm_num_groups=8, num_head_channels=(0, 0, 16, 16))
 
-#: ``published`` is the paper's UNet trained with the published script's recipe (.recipes).
-PRESETS = {"paper": PAPER_UNET, "tiny": TINY_UNET, "published": PAPER_UNET}
+PRESETS = {"paper": PAPER_UNET, "tiny": TINY_UNET}
 
 #: Default volume size (D, H, W) per preset: the paper's 128x128x96, and 16^3 for a CPU.
-#: ``published``: the published code's field of view (its UK Biobank volumes at 1 mm).
-DEFAULT_SIZES = {"paper": (128, 128, 96), "tiny": (16, 16, 16), "published": (160, 224, 160)}
+DEFAULT_SIZES = {"paper": (128, 128, 96), "tiny": (16, 16, 16)}
 
 
 def build_unet(preset: str, **overrides) -> nn.Module:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -232,11 +233,11 @@ def _check_base(model, path, exclude, mode: str) -> None:
     _mismatch([], f"{os.fspath(path)}: this model's base weights differ from the ones the "
                   f"adapter was trained on (the file's base: {origin}; fingerprint "
                   f"{base['fingerprint'][:12]}, this model's {mine[:12]})", mode, force=True,
-              stacklevel=6)
+              stacklevel=_stacklevel())
 
 
-def _mismatch(differences: list[str], message: str, mode: str, force: bool = False,
-              stacklevel: int = 5) -> None:
+def _mismatch(differences: list[str], message: str, mode: str, *, stacklevel: int,
+              force: bool = False) -> None:
     """Warn (``mode="warn"``) or raise (``"error"``) that the base differs: ``message`` and
     ``differences``, when there are any (or ``force``); the warning points ``stacklevel``
     frames up (at ``load_adapter``'s caller)."""
@@ -271,17 +272,36 @@ def load_adapter(model, path: str | os.PathLike, *, base_mismatch: str = "warn")
     where = os.fspath(path)
     state = None if not os.path.isfile(where) or _is_safetensors(where) else read_published(where)
     if state is not None:
-        config, tensors, base = published_adapter(unwrap(model), state, where)
-
-        def check(exclude):
-            if base is not None:
-                _mismatch(base_differences(unwrap(model), base, exclude),
-                          f"{where}: this model's base weights differ from the base in this "
-                          "published checkpoint", base_mismatch)
-        return _load(model, config, None, tensors, where, check)
+        return load_published(model, state, where, base_mismatch=base_mismatch)
     config, saved_layers = read_adapter_metadata(path)
     return _load(model, config, saved_layers, load_file(where), where,
                  lambda exclude: _check_base(model, path, exclude, base_mismatch))
+
+
+def load_published(model, state: dict, where: str = "published checkpoint", *,
+                   base_mismatch: str = "warn"):
+    """Load a published TenVOO checkpoint's ``state`` (a state dict read from ``where``) into
+    ``model``, as :func:`load_adapter` loads such a file (:mod:`.published_checkpoint`)."""
+    if base_mismatch not in BASE_MISMATCH:
+        raise AdapterError(f"load_published: base_mismatch must be one of "
+                           f"{list(BASE_MISMATCH)}, got {base_mismatch!r}")
+    config, tensors, base = published_adapter(unwrap(model), state, where)
+
+    def check(exclude):
+        if base is not None and base_mismatch != "ignore":
+            _mismatch(base_differences(unwrap(model), base, exclude),
+                      f"{where}: this model's base weights differ from the base in this "
+                      "published checkpoint", base_mismatch, stacklevel=_stacklevel())
+    return _load(model, config, None, tensors, where, check)
+
+
+def _stacklevel() -> int:
+    """Frames from :func:`_mismatch`'s warning up to the first caller outside this module (the
+    user's call of load_adapter / load_published)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level + 1
 
 
 def _is_safetensors(path: str) -> bool:
@@ -295,7 +315,7 @@ def _is_safetensors(path: str) -> bool:
 def _load(model, config: AdapterConfig, saved_layers: dict | None, tensors: dict, where: str,
           check_base) -> nn.Module:
     """Inject ``config`` (or check the model's), check the layers against ``saved_layers``
-    (signatures; None: names only) and every tensor's name and shape, call
+    (their signatures; None: not checked, the tensors' names and shapes still are), call
     ``check_base(keys loaded)``, then copy ``tensors`` in."""
     folded = [n for n, m in adapter_layers(model).items() if m.frozen_folded]
     if folded:

@@ -13,7 +13,7 @@ Everything else is read from shapes: the variant from core 9 (3-D: L, 4-D: Q), t
 core 7, the channel factors from cores 0, 1, 5 and 6 (from the gates for QuanTA). A wrapper's
 ``model.`` prefix and MONAI Generative's old module names are mapped to the model's names.
 A full state dict (``torch.save(model.state_dict())``) also holds the base and what trained
-besides the cores (the adapted layers' biases, the norms): :func:`load_published` compares its
+besides the cores (the adapted layers' biases, the norms): ``load_published`` compares its
 base with the model's and loads the rest. A ``save_peft`` file holds only cores and frozen
 copies: loading one says which trained tensors it lacks. The published layers themselves, in a
 live model, are converted by :mod:`tenvoo_fast.convert.published_tenvoo`.
@@ -21,6 +21,7 @@ live model, are converted by :mod:`tenvoo_fast.convert.published_tenvoo`.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from dataclasses import dataclass, replace
@@ -95,6 +96,12 @@ class PublishedLayer:
             raise AdapterError(f"{self.name}: the checkpoint lacks its weight or its merge "
                                "flags (frozen_merged.merged, merged.merged); give the base "
                                "weights it was trained on")
+        if tuple(network.weight_shape) != tuple(self.weight.shape):
+            raise AdapterError(f"{self.name}: its published cores build a "
+                               f"{list(network.weight_shape)} update for a "
+                               f"{list(self.weight.shape)} weight; tenvoo_fast needs factors "
+                               "whose products are the channel counts (the published code "
+                               "zero-pads others)")
         w = self.weight.to(torch.float64)
         if self.frozen_merged:
             if self.frozen is None:
@@ -104,9 +111,6 @@ class PublishedLayer:
         if self.merged:
             w = w - _delta(network, self.cores)
         return w.to(self.weight.dtype)
-
-    def method(self) -> str:
-        return f"tenvoo-{self.network().meta['variant'].lower()}" if self.is_conv else "quanta"
 
 
 def _gate_factors(shapes) -> tuple:
@@ -130,40 +134,41 @@ def is_published(state: Mapping) -> bool:
 
 def published_layers(state: Mapping[str, torch.Tensor]) -> dict[str, PublishedLayer]:
     """Name -> :class:`PublishedLayer` for every published adapted layer in ``state``."""
-    groups: dict[str, dict] = {}
+    tensors: dict[str, dict] = {}
     for key, t in state.items():
-        m = _TENSOR.match(key) or _FLAG.match(key)
+        m = _TENSOR.match(key)
         if m:
-            part = m.groupdict().get("group") or m.group("flag")
-            groups.setdefault(m.group("layer"), {}).setdefault(part, {})[
-                m.groupdict().get("index")] = t
+            tensors.setdefault(m["layer"], {}).setdefault(m["group"], {})[m["index"]] = t
+    flags: dict[str, dict] = {}
+    for key, t in state.items():
+        m = _FLAG.match(key)
+        if m:
+            flags.setdefault(m["layer"], {})[m["flag"]] = bool(t.item())
     layers = {}
-    for name, g in groups.items():
-        conv = "tenvoo_weights" in g
-        group = "tenvoo_weights" if conv else "quanta_weights"
-        keys = [str(i) for i in range(10)] if conv else list(GATE_KEYS)
-        if group not in g:
-            continue        # merge flags of a module that is not an adapted layer
-        if set(g[group]) != set(keys):
-            raise AdapterError(f"{name}: published {group} {sorted(g[group])}, expected "
-                               f"{keys}; the checkpoint is incomplete")
-        frozen = g.get(group + "2")
-        if frozen is not None and set(frozen) != set(keys):
-            raise AdapterError(f"{name}: published {group}2 {sorted(frozen)}, expected {keys}")
-        flags = {f: bool(v[None].item()) for f, v in g.items() if f.endswith("merged")}
+    for name, groups in tensors.items():
+        group = "tenvoo_weights" if "tenvoo_weights" in groups else "quanta_weights"
+        keys = [str(i) for i in range(10)] if group == "tenvoo_weights" else list(GATE_KEYS)
+        for part in (group, group + "2"):
+            if part in groups and set(groups[part]) != set(keys):
+                raise AdapterError(f"{name}: published {part} {sorted(groups[part])}, expected "
+                                   f"{keys}; the checkpoint is incomplete")
+        if group not in groups:
+            raise AdapterError(f"{name}: the checkpoint has its {group}2 but not its {group}; "
+                               "it is incomplete")
+        frozen = groups.get(group + "2")
+        layer_flags = flags.get(name, {})
         layers[name] = PublishedLayer(
-            name, [g[group][k] for k in keys], None if frozen is None else
-            [frozen[k] for k in keys], state.get(f"{name}.weight"), state.get(f"{name}.bias"),
-            flags.get("frozen_merged"), flags.get("merged"))
+            name, [groups[group][k] for k in keys],
+            None if frozen is None else [frozen[k] for k in keys],
+            state.get(f"{name}.weight"), state.get(f"{name}.bias"),
+            layer_flags.get("frozen_merged"), layer_flags.get("merged"))
     return layers
 
 
-def published_state_keys(state: Mapping, layers: Iterable[str]) -> set[str]:
-    """The keys of ``state`` that belong to the published adapters (cores, copies, flags)."""
-    layers = set(layers)
-    return {k for k in state
-            if (_TENSOR.match(k) or _FLAG.match(k))
-            and (_TENSOR.match(k) or _FLAG.match(k)).group("layer") in layers}
+def published_state_keys(state: Mapping) -> set[str]:
+    """The keys of ``state`` that belong to the published adapters: cores, copies and every
+    merge flag."""
+    return {k for k in state if _TENSOR.match(k) or _FLAG.match(k)}
 
 
 def name_map(names: Iterable[str], own: Mapping[str, object]) -> dict[str, str]:
@@ -204,6 +209,11 @@ def layer_config(layers: Mapping[str, PublishedLayer], modules: Mapping[str, nn.
     for name, net in {**convs, **gates}.items():
         own = (net.meta["in_factors"], net.meta["out_factors"])
         layer = modules[name]
+        if tuple(net.weight_shape) != tuple(layer.weight.shape):
+            raise AdapterError(f"{name}: its published cores build a {list(net.weight_shape)} "
+                               f"update (factors {own}) for a {list(layer.weight.shape)} weight; "
+                               "tenvoo_fast needs factors whose products are the channel counts "
+                               "(the published code zero-pads others)")
         sizes = ((layer.in_channels, layer.out_channels) if isinstance(layer, nn.Conv3d)
                  else (layer.in_features, layer.out_features))
         if own != tuple(default_factors(c) for c in sizes):
@@ -247,9 +257,17 @@ UNFOLDED_RTOL, UNFOLDED_RMS = 1e-3, 1e-5
 
 def read_published(path) -> Optional[dict]:
     """The state dict in the torch file ``path`` if it holds published TenVOO adapters (under
-    ``"state_dict"`` or ``"model"`` too), else None."""
+    ``"state_dict"`` or ``"model"`` too), else None (also for files torch cannot read). A torch
+    file that holds objects other than tensors is an :class:`AdapterError` saying what to do."""
     try:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            return None                   # not a torch file
+        raise AdapterError(f"{os.fspath(path)}: a torch file holding objects other than "
+                           "tensors, which load_adapter does not unpickle (weights_only); if "
+                           "you trust it, torch.load it yourself and pass its state dict to "
+                           "tenvoo_fast.model.load_published") from e
     except Exception:
         return None
     for key in ("state_dict", "model"):
@@ -278,7 +296,7 @@ def published_adapter(model: nn.Module, state: Mapping[str, torch.Tensor], where
     config = layer_config(layers, modules)
     tensors = adapter_tensors(layers)
     own = model.state_dict()
-    rest_keys = [k for k in state if k not in published_state_keys(state, names)]
+    rest_keys = [k for k in state if k not in published_state_keys(state)]
     full = all(layer.weight is not None for layer in layers.values())
     trained = [f"{n}.bias" for n, m in modules.items() if n in layers and m.bias is not None] + [
         n for n, _ in model.named_parameters() if "norm" in n and n not in tensors]
@@ -316,7 +334,7 @@ def published_base(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     model's names (the wrapper's prefix removed). Its biases and norms are the fine-tuned ones
     (the original base's are not in the checkpoint)."""
     layers = published_layers(state)
-    adapter = published_state_keys(state, layers)
+    adapter = published_state_keys(state)
     base = {k: v for k, v in state.items() if k not in adapter}
     for name, layer in layers.items():
         base[f"{name}.weight"] = layer.base_weight(layer.network())

@@ -166,10 +166,46 @@ def test_a_save_peft_file_loads_its_cores_and_says_what_it_lacks(tmp_path):
                                                       r"tensors.*e\.g\. conv\.bias"):
         loaded = tf.load_adapter(copy.deepcopy(base), path)
     for name, layer in tf.adapter_layers(loaded).items():
-        cores = model.model.get_submodule(name)
-        group = cores.tenvoo_weights if hasattr(cores, "tenvoo_weights") else cores.quanta_weights
-        for mine, theirs in zip(layer.cores, group.values()):
-            assert torch.equal(mine, theirs)
+        source = model.model.get_submodule(name)
+        cores = source.cores(source.group)
+        frozen = source.cores(source.group + "2")
+        assert all(torch.equal(a, b) for a, b in zip(layer.cores, cores))
+        assert all(torch.equal(a, b) for a, b in zip(layer.frozen_cores, frozen))
+    # With the published model's biases and norm put in by hand, its outputs.
+    with torch.no_grad():
+        for name, p in model.model.named_parameters():
+            if name.endswith(".bias") or name.startswith("norm."):
+                loaded.get_parameter(name).copy_(p)
+        x = torch.randn(2, 4, 6, 6, 6)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_custom_factors_and_mixed_ranks(tmp_path):
+    """Factors other than the table's become per-layer overrides; layers of two ranks (one
+    AdapterConfig holds one) are refused."""
+    from .published_format import PublishedConv3d, conv_shapes, _uniform
+    torch.manual_seed(0)
+    base = Net()
+    model = Wrapper(adapt(copy.deepcopy(base), TARGETS))
+    conv = model.model.conv
+    shapes = conv_shapes("L", (1, 2, 2), (2, 4, 1), conv.kernel_size, 4)   # not the table's
+    conv.tenvoo_weights = torch.nn.ParameterDict(
+        {str(i): torch.nn.Parameter(_uniform(s, 0.5)) for i, s in enumerate(shapes)})
+    conv.tenvoo_weights2 = type(conv.tenvoo_weights2)(
+        {k: v.detach() for k, v in conv.tenvoo_weights.items()})
+    x = torch.randn(2, 4, 6, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    torch.save(model.state_dict(), tmp_path / "p.pt")
+    loaded = tf.load_adapter(copy.deepcopy(base), tmp_path / "p.pt")
+    assert loaded.tenvoo_config.factors["layers"] == {"conv": ((1, 2, 2), (2, 4, 1))}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-5)
+    other = Wrapper(adapt(copy.deepcopy(base), TARGETS))
+    other.model.down = PublishedConv3d(base.down, rank=3)
+    torch.save(other.state_dict(), tmp_path / "q.pt")
+    with pytest.raises(AdapterError, match=r"ranks \[3, 4\]"):
+        tf.load_adapter(copy.deepcopy(base), tmp_path / "q.pt")
 
 
 def test_a_checkpoint_for_another_model_is_a_clear_error(tmp_path):

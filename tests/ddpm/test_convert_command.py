@@ -118,6 +118,8 @@ def test_a_save_peft_file_converts_and_says_what_it_lacks(published, tmp_path, c
                  "--base-weights", str(folder / "base.pt")]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "save_peft file" in err and "biases and the norms" in err
+    config, layers = tf.read_adapter_metadata(out)
+    assert config.method == "tenvoo-q" and len(layers) == len(targets(build_unet("tiny")))
     assert main(["convert", str(folder / "save_peft.pt"), str(out), "--preset", "tiny",
                  "--save-base", str(tmp_path / "b.pt")]) == 2
     assert "lacks its weight" in capsys.readouterr().err

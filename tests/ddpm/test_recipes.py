@@ -15,6 +15,7 @@ from tenvoo_fast.ddpm.finetune import resolve_recipe
 from tenvoo_fast.ddpm.recipes import RECIPES, batches_before, micro_batches, steps_per_epoch
 from tenvoo_fast.ddpm.run_options import FinetuneOptions
 from tenvoo_fast.ddpm.training import optimizer_step
+from tests.ddpm.test_checkpoints import safetensors_content
 
 PUBLISHED, OURS = RECIPES["published"], RECIPES["tenvoo_fast"]
 # 10 volumes: 9 train, so an epoch of batch 1 x accum 4 is steps of 4, 4 and 1 micro-batches.
@@ -73,33 +74,63 @@ def metrics(out) -> dict:
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
-def test_a_published_run_steps_by_epoch_and_resumes_exactly(tmp_path):
+def test_a_published_run_steps_by_epoch_and_resumes_exactly(tmp_path, capsys):
     assert main([*TINY, "--out", str(tmp_path / "a"), "--epochs", "2"]) == 0
     straight = metrics(tmp_path / "a")
     assert straight["steps"] == 6 and straight["recipe"] == "published"
-    # Stopped after the epoch's partial step, then continued to the same two epochs.
-    assert main([*TINY, "--out", str(tmp_path / "b"), "--steps", "3"]) == 0
-    assert main([*TINY, "--out", str(tmp_path / "b"), "--epochs", "2", "--resume"]) == 0
-    assert metrics(tmp_path / "b")["losses"] == straight["losses"]
-    assert (tmp_path / "b" / "adapter.safetensors").read_bytes() != b""
+    # Stopped after an epoch's partial step, and in the middle of the next epoch, then
+    # continued to the same two epochs: the straight run's losses and adapter, bit for bit.
+    for stop in ("3", "4"):
+        out = tmp_path / f"stop{stop}"
+        assert main([*TINY, "--out", str(out), "--steps", stop]) == 0
+        assert main([*TINY, "--out", str(out), "--epochs", "2", "--resume"]) == 0
+        assert metrics(out)["losses"] == straight["losses"]
+        assert safetensors_content(out / "adapter.safetensors") == \
+            safetensors_content(tmp_path / "a" / "adapter.safetensors")
     # The recipe is part of what a resume must share.
-    assert main(["finetune", "--preset", "tiny", "--device", "cpu", "--num-volumes", "10",
-                 "--out", str(tmp_path / "b"), "--steps", "8", "--resume"]) == 2
+    capsys.readouterr()
+    assert main([*TINY[:-2], "--out", str(tmp_path / "stop3"), "--steps", "8", "--resume"]) == 2
+    assert "--recipe (saved published, now tenvoo_fast)" in capsys.readouterr().err
+
+
+def test_the_published_recipe_trains_with_the_summed_loss(tmp_path, monkeypatch):
+    from tenvoo_fast.ddpm import finetune
+    seen = []
+
+    def spy(*args, mean=True, **kwargs):
+        seen.append(mean)
+        return optimizer_step(*args, mean=mean, **kwargs)
+    monkeypatch.setattr(finetune, "optimizer_step", spy)
+    assert main([*TINY, "--out", str(tmp_path / "p"), "--steps", "1"]) == 0
+    assert main([*TINY[:-2], "--out", str(tmp_path / "o"), "--steps", "1"]) == 0
+    assert seen == [False, True]
+
+
+def test_the_published_preset_refuses_another_recipe(tmp_path, capsys):
+    assert main(["finetune", "--preset", "published", "--recipe", "tenvoo_fast", "--dry-run",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--preset published trains with the published recipe" in capsys.readouterr().err
 
 
 def test_nifti_volumes_are_padded_or_cropped_first(tmp_path):
+    """In the file's voxel order, before reorientation: a volume stored L-to-R along its first
+    axis (odd crop there) gives another result than cropping after reorienting to RAS."""
     import nibabel
 
     from tenvoo_fast.ddpm.data import NiftiVolumes
-    volume = np.random.default_rng(0).uniform(1.0, 2.0, (6, 6, 6)).astype(np.float32)
+    volume = np.random.default_rng(0).uniform(1.0, 2.0, (9, 6, 8)).astype(np.float32)
     path = tmp_path / "v.nii.gz"
-    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
-    padded = NiftiVolumes([path], (8, 8, 8), field_of_view=(8, 8, 8))[0]
-    resized = NiftiVolumes([path], (8, 8, 8))[0]
-    assert padded.shape == resized.shape == (1, 8, 8, 8)
-    # Padded as numpy's "minimum" mode pads (each border voxel: the minimum along its line),
-    # then scaled to [0, 1]; not resampled.
-    want = np.pad(volume, 1, mode="minimum")
+    nibabel.save(nibabel.Nifti1Image(volume, np.diag([-1.0, 1.0, 1.0, 1.0])), path)
+    got = NiftiVolumes([path], (8, 8, 8), field_of_view=(8, 8, 8))[0]
+    # Crop 9 -> 8 (MONAI keeps the first 8), pad 6 -> 8 as numpy's "minimum" mode, then RAS
+    # (flip the first axis), then scale to [0, 1]; no resampling.
+    want = np.pad(volume[:8], ((0, 0), (1, 1), (0, 0)), mode="minimum")[::-1]
     want = (want - want.min()) / (want.max() - want.min())
-    np.testing.assert_allclose(padded[0].numpy(), want, atol=1e-6)
+    assert got.shape == (1, 8, 8, 8)
+    np.testing.assert_allclose(got[0].numpy(), want, atol=1e-6)
+    reoriented_first = np.pad(volume[::-1][:8], ((0, 0), (1, 1), (0, 0)), mode="minimum")
+    assert not np.allclose(got[0].numpy(), (reoriented_first - reoriented_first.min())
+                           / (reoriented_first.max() - reoriented_first.min()), atol=1e-3)
+    # Without the field of view the whole volume is resized (interpolated).
+    resized = NiftiVolumes([path], (8, 8, 8))[0]
     assert not np.allclose(resized[0].numpy(), want, atol=1e-3)

@@ -91,6 +91,7 @@ PACKAGES = ["tenvoo_fast", *(f"tenvoo_fast.{p}" for p in (
     "contraction", "methods", "ops", "kernels", "dispatch", "nn", "model", "measure", "ddpm",
     "triton_kernels"))]
 #: The 3D DDPM fine-tuning program (``tenvoo-fast``): ``pip install 'tenvoo_fast[ddpm]'``.
+FEDERATED = ["flwr[simulation]>=1.21"]
 DDPM = [
     "monai>=1.4",
     "einops",  # MONAI's attention blocks import it
@@ -133,8 +134,10 @@ setup(
         # ahead-of-time checks of the GPU kernels), scipy (MONAI's FID), the peers the
         # adapters are checked against, and pytest-xdist (the suite on every core).
         "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "triton>=3.2", "scipy",
-                 "peft", "lycoris-lora", *DDPM],
+                 "peft", "lycoris-lora", *DDPM, *FEDERATED],
         "triton": ["triton>=3.2"],
+        # tenvoo-fast federated: Flower, with its simulation engine (Ray).
+        "federated": [*DDPM, *FEDERATED],
         "peers": ["peft", "lycoris-lora"],
     },
     entry_points={"console_scripts": ["tenvoo-fast=tenvoo_fast.ddpm.cli:main"]},

@@ -17,6 +17,7 @@ from .._version import __version__
 from ..dispatch import STRATEGIES, WEIGHT_POLICIES
 from ..errors import AdapterError, RunError, one_line
 from . import compare, convert_files, evaluate, finetune, sample
+from .federated import command as federated_command
 from .options import (HelpFormatter, Parser, add_finetune_arguments, check_device, comma_list,
                       default_device, non_negative_int, positive_float, positive_int)
 from .training import Interrupted
@@ -29,8 +30,10 @@ NEEDS = {"finetune": (("monai", "einops", "nibabel", "tqdm"), "ddpm"),
          "sample": (("monai", "einops", "nibabel", "matplotlib"), "ddpm"),
          "evaluate": (("monai", "nibabel"), "ddpm"),
          "convert": (("monai", "einops"), "ddpm"),
+         "federated": (("monai", "einops", "flwr", "ray"), "federated"),
          "check-kernels": (("triton",), "triton")}
-EXTRAS = {"ddpm": "the DDPM program's extra", "triton": "the Triton extra"}
+EXTRAS = {"ddpm": "the DDPM program's extra", "triton": "the Triton extra",
+          "federated": "the federated extra (Flower with its simulation engine)"}
 
 
 def missing_packages(command: str) -> list[str]:
@@ -213,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "holds (adapted weights with the folds undone) here, as a torch "
                          "state_dict for --base-weights")
     cv.set_defaults(func=_command(convert_files.run))
+
+    fd = commands.add_parser(
+        "federated", help="federated fine-tuning of adapters on Flower (simulated clients)",
+        description="Fine-tune adapters across clients that keep their data: each round every "
+                    "client trains on its own data, sends only its trained tensors "
+                    "(safetensors), the server aggregates them (FedAvg, FedPETuning or "
+                    "Rate-My-LoRA weights; exact in ΔW or by averaging factors) and every "
+                    "client validates the result. Runs as a Flower simulation in this process; "
+                    "writes DIR/metrics.json, DIR/federated.png and DIR/round-NNN.safetensors.",
+        formatter_class=HelpFormatter)
+    federated_command.add_arguments(fd)
+    fd.set_defaults(func=_command(federated_command.run))
 
     ck = commands.add_parser(
         "check-kernels", help="compile every Triton kernel and CUDA source ahead of time (no GPU needed)",

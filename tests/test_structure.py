@@ -32,7 +32,7 @@ LAYERS = {
 
 #: What ``import tenvoo_fast`` and the adapter library must run without.
 OPTIONAL = ("monai", "nibabel", "matplotlib", "tqdm", "einops", "scipy", "triton", "peft",
-            "lycoris")
+            "lycoris", "flwr", "ray")
 
 
 def _modules() -> dict[str, Path]:

@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one NIfTI folder per client, comma-separated (default: each "
                              "client's own synthetic phantoms, shifted in intensity, contrast, "
                              "noise and field of view)")
-    parser.add_argument("--num-volumes", type=positive_int, default=d.num_volumes,
-                        help="phantoms per client")
+    parser.add_argument("--num-volumes", type=_counts, default=d.num_volumes,
+                        metavar="N[,N,...]",
+                        help="phantoms per client: one count for all, or one per client")
     parser.add_argument("--rounds", type=positive_int, default=d.rounds,
                         help="communication rounds (a resumed run continues to this)")
     parser.add_argument("--local-steps", type=positive_int, default=d.local_steps,
@@ -57,12 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out from its last finished round")
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(v) for v in comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give counts, e.g. 8 or 4,8,12") from None
+
+
 def options(args: argparse.Namespace) -> FederatedOptions:
     return FederatedOptions(
         preset=args.preset, method=args.method, rank=args.rank, targets=list(PAPER_DDPM_TARGETS),
         base_weights=args.base_weights, clients=args.clients,
         client_data=list(args.client_data) if args.client_data else None,
-        num_volumes=args.num_volumes, size=list(args.size) if args.size else None,
+        num_volumes=list(args.num_volumes), size=list(args.size) if args.size else None,
         rounds=args.rounds, local_steps=args.local_steps,
         local_adaptation=args.local_adaptation, lr=args.lr, aggregation=args.aggregation,
         mode=args.mode, lam=args.lam, seed=args.seed, out=args.out, resume=args.resume)
@@ -77,8 +85,10 @@ def check(opts: FederatedOptions) -> None:
                            f"{opts.clients}; give one folder per client")
         for c, folder in enumerate(opts.client_data):
             nifti_files(folder, flag=f"--client-data (client {c})")
-    elif opts.num_volumes < 2:
-        raise RunError("--num-volumes: each client needs at least 2 phantoms (one validates)")
+    elif len(opts.num_volumes) not in (1, opts.clients) or min(opts.num_volumes) < 2:
+        raise RunError(f"--num-volumes {','.join(map(str, opts.num_volumes))}: give one count "
+                       f"(at least 2: one validates) for all clients or one per client "
+                       f"({opts.clients})")
     if not 0 <= opts.lam < 1:
         raise RunError(f"--lambda {opts.lam}: Rate-My-LoRA's penalty must be in [0, 1)")
 

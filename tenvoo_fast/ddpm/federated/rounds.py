@@ -39,7 +39,7 @@ class FederatedOptions:
     base_weights: Optional[str] = None
     clients: int = 3
     client_data: Optional[list] = None
-    num_volumes: int = 8
+    num_volumes: list = field(default_factory=lambda: [8])   # one for all, or one per client
     size: Optional[list] = None
     rounds: int = 3
     local_steps: int = 4
@@ -128,7 +128,8 @@ def apply_payload(model, data: bytes, mode: str) -> None:
 def _client_data(opts: FederatedOptions, client: int):
     size = volume_size(opts.preset, opts.size)
     data = opts.client_data[client] if opts.client_data else None
-    return client_volumes(client, size, opts.seed, data=data, num_volumes=opts.num_volumes)
+    n = opts.num_volumes[client] if len(opts.num_volumes) > 1 else opts.num_volumes[0]
+    return client_volumes(client, size, opts.seed, data=data, num_volumes=n)
 
 
 def _inferer():

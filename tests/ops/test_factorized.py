@@ -301,7 +301,7 @@ def test_finetune_strategy_flag_runs_the_whole_model_that_way(tmp_path):
         out = tmp_path / method
         assert main(["finetune", "--preset", "tiny", "--device", "cpu", "--num-volumes", "3",
                      "--steps", "1", "--method", method, "--strategy", "factorized",
-                     "--out", str(out)]) == 0
+                     "--size", "8", "8", "8", "--out", str(out)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["strategy"] == "factorized"
         convs = [p for p in metrics["execution"] if p["layer"].endswith(".conv")]

@@ -267,11 +267,11 @@ def _poison_after(monkeypatch, steps_before: int, what: str):
             b.view(-1)[0] = float("nan")
             yield b
 
-    def step(model, batches, *args):
+    def step(model, batches, *args, **kwargs):
         calls.append(1)
         if len(calls) > steps_before and what == "batch":
             batches = poisoned(batches)
-        result = real(model, batches, *args)
+        result = real(model, batches, *args, **kwargs)
         if len(calls) == steps_before and what == "parameters":
             with torch.no_grad():
                 next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("inf")

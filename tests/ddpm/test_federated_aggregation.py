@@ -144,3 +144,27 @@ def test_only_trained_tensors_cross_the_wire():
     assert len(data) < full_model_bytes(server)
     back = decode(data)
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_an_adapter_that_does_not_fit_is_named():
+    from tenvoo_fast.ddpm.federated.rounds import fit_problem
+    server, states = clients()
+    reference = {k: tuple(v.shape) for k, v in trained_state(server).items()}
+    assert fit_problem(states[0], reference) is None
+    wrong = dict(states[0], **{"conv.cores.0": torch.zeros(1, 2, 3)})
+    assert "conv.cores.0 has shape [1, 2, 3]" in fit_problem(wrong, reference)
+    extra = dict(states[0], **{"other.weight": torch.zeros(2)})
+    assert "1 tensors the model does not train" in fit_problem(extra, reference)
+
+
+def test_a_client_trains_with_finetunes_backend_and_precision_options():
+    from tenvoo_fast.ddpm.federated.rounds import (FederatedOptions, build_model,
+                                                   client_validation, local_training)
+    opts = FederatedOptions(preset="tiny", num_volumes=[3], backend="reference", amp="bf16")
+    model = build_model(opts)
+    before = {k: v.clone() for k, v in trained_state(model).items()}
+    loss = local_training(model, opts, client=1, round_=1, steps=1)
+    assert loss > 0 and any(not torch.equal(v, trained_state(model)[k])
+                            for k, v in before.items())
+    assert {p["backend"] for p in tf.execution_plan(model)} == {"reference"}
+    assert client_validation(model, opts, client=1) > 0

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ...errors import RunError
+from ...dispatch import STRATEGIES
+from ...dispatch.backends import validate as validate_backend
+from ...errors import AdapterError, RunError
 from ...model.presets import PAPER_DDPM_TARGETS
 from ..data import nifti_files
 from ..finetune import METHODS, volume_size
@@ -52,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=positive_int, nargs=3, metavar=("D", "H", "W"),
                         help="volume size (default: the preset's)")
     parser.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
+    parser.add_argument("--backend", default=d.backend,
+                        help="adapter backend of the clients (as finetune's)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                        help="execution strategy of the clients (as finetune's)")
+    parser.add_argument("--amp", choices=("bf16", "none"), default=d.amp,
+                        help="the clients' autocast dtype (they run on the CPU)")
     parser.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed")
     parser.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
     parser.add_argument("--resume", action="store_true",
@@ -73,7 +81,8 @@ def options(args: argparse.Namespace) -> FederatedOptions:
         num_volumes=list(args.num_volumes), size=list(args.size) if args.size else None,
         rounds=args.rounds, local_steps=args.local_steps,
         local_adaptation=args.local_adaptation, lr=args.lr, aggregation=args.aggregation,
-        mode=args.mode, lam=args.lam, seed=args.seed, out=args.out, resume=args.resume)
+        mode=args.mode, lam=args.lam, seed=args.seed, backend=args.backend,
+        strategy=args.strategy, amp=args.amp, out=args.out, resume=args.resume)
 
 
 def check(opts: FederatedOptions) -> None:
@@ -89,6 +98,10 @@ def check(opts: FederatedOptions) -> None:
         raise RunError(f"--num-volumes {','.join(map(str, opts.num_volumes))}: give one count "
                        f"(at least 2: one validates) for all clients or one per client "
                        f"({opts.clients})")
+    try:
+        validate_backend(opts.backend)
+    except AdapterError as e:
+        raise RunError(f"--backend {opts.backend}: {e}") from None
     if not 0 <= opts.lam < 1:
         raise RunError(f"--lambda {opts.lam}: Rate-My-LoRA's penalty must be in [0, 1)")
 

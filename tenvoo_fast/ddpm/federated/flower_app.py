@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import RunError
 from .record import Recorder
 from .rounds import (FederatedOptions, aggregate, apply_payload, build_model, client_evaluate,
-                     client_train, decode_payload, encode_payload, merges_payload,
+                     client_train, decode_payload, encode_payload, fit_problem, merges_payload,
                      replay_history, round_weights, tentative_payload)
 from .wire import full_model_bytes, trained_state
 
@@ -184,11 +184,9 @@ def run_rounds(grid, opts: FederatedOptions) -> dict:
         for c, content in sorted(replies.items()):
             data = _record_bytes(content["payload"])
             state, _ = decode_payload(data)
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
-            if shapes != reference:
-                missing[c] = ("its adapter does not fit the server's model "
-                                          f"({sorted(set(shapes) ^ set(reference))[:1]} or "
-                                          "a shape differs)")
+            problem = fit_problem(state, reference)
+            if problem is not None:
+                missing[c] = problem
                 continue
             states[c] = state
             m = content["metrics"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import struct
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Optional
 
 import torch
@@ -21,7 +21,7 @@ from safetensors.torch import load, save
 
 from ...model import AdapterConfig, inject
 from ...model.presets import PAPER_DDPM_TARGETS
-from ..finetune import base_unet, volume_size
+from ..finetune import AMP_DTYPES, base_unet, volume_size
 from ..training import SCHEDULER, optimizer_step, validation_loss
 from .aggregation import LAMBDA_DECAY, merge_exact, scheme_weights, weighted_mean
 from .clients import client_volumes
@@ -50,6 +50,9 @@ class FederatedOptions:
     mode: str = "exact"
     lam: float = 0.2
     seed: int = 0
+    backend: str = "auto"
+    strategy: str = "auto"
+    amp: str = "none"
     device: str = "cpu"
     out: str = "runs/federated"
     resume: bool = False
@@ -132,6 +135,36 @@ def _client_data(opts: FederatedOptions, client: int):
     return client_volumes(client, size, opts.seed, data=data, num_volumes=n)
 
 
+def fit_problem(state: dict, reference: dict) -> Optional[str]:
+    """Why a client's trained tensors do not fit the server's (name -> shape), or None."""
+    unknown = sorted(set(state) - set(reference))
+    missing = sorted(set(reference) - set(state))
+    if unknown or missing:
+        return (f"its adapter does not fit the server's model: {len(unknown)} tensors the model "
+                f"does not train, {len(missing)} missing (e.g. {(unknown or missing)[0]})")
+    for name, shape in reference.items():
+        if tuple(state[name].shape) != tuple(shape):
+            return (f"its adapter does not fit the server's model: {name} has shape "
+                    f"{list(state[name].shape)}, the model's {list(shape)}")
+    return None
+
+
+def _running(opts: FederatedOptions):
+    """The backend, strategy and autocast a client trains and validates with (finetune's)."""
+    from ...dispatch import use_backend, use_strategy
+    from contextlib import ExitStack
+    stack = ExitStack()
+    stack.enter_context(use_backend(opts.backend))
+    stack.enter_context(use_strategy(opts.strategy, strict=False))
+    return stack
+
+
+def _autocast(opts: FederatedOptions):
+    dtype = AMP_DTYPES[opts.amp]
+    return partial(torch.autocast, torch.device(opts.device).type, dtype=dtype,
+                   enabled=dtype is not None)
+
+
 def _inferer():
     from monai.inferers import DiffusionInferer
     from monai.networks.schedulers import DDPMScheduler
@@ -155,15 +188,17 @@ def local_training(model, opts: FederatedOptions, client: int, round_: int, step
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     noise = torch.Generator(device).manual_seed(generator.initial_seed() + 1)
     inferer = _inferer()
-    losses = [optimizer_step(model, stream, inferer, optimizer, scaler, nullcontext, 1, device,
-                             1, noise)[0] for _ in range(steps)]
+    with _running(opts):
+        losses = [optimizer_step(model, stream, inferer, optimizer, scaler, _autocast(opts), 1,
+                                 device, 1, noise)[0] for _ in range(steps)]
     return sum(losses) / len(losses)
 
 
 def client_validation(model, opts: FederatedOptions, client: int) -> Optional[float]:
     _, val, _ = _client_data(opts, client)
-    return validation_loss(model, val, _inferer(), nullcontext, torch.device(opts.device),
-                           opts.seed)
+    with _running(opts):
+        return validation_loss(model, val, _inferer(), _autocast(opts),
+                               torch.device(opts.device), opts.seed)
 
 
 def client_train(opts: FederatedOptions, client: int, round_: int, payload: bytes) -> dict:

@@ -14,8 +14,8 @@ from .dispatch import (autotune, available_backends, current_backend, current_st
                        current_weight_policy, set_backend, set_weight_policy, use_backend,
                        use_launch_cost, use_strategy, use_weight_policy)
 from .errors import AdapterError
-from .methods import (LoHaConv3d, LoHaLinear, LoKrConv3d, LoKrLinear, LoRAConv3d, LoRALinear,
-                      QuanTALinear, TenVOOConv3d)
+from .methods import (LoHaConv2d, LoHaConv3d, LoHaLinear, LoKrConv2d, LoKrConv3d, LoKrLinear,
+                      LoRAConv2d, LoRAConv3d, LoRALinear, QuanTALinear, TenVOOConv3d)
 from .model import (AdapterConfig, BaseMismatchWarning, adapter_layers, base_fingerprint,
                     count_parameters, execution_plan, fold_frozen, folded_layers, inject,
                     load_adapter, merge_and_unload, presets, read_adapter_base,
@@ -27,7 +27,8 @@ networks = methods
 
 __all__ = [
     "__version__", "convert", "export_peft", "AdapterConfig", "AdapterError", "AdapterLayer", "TenVOOConv3d",
-    "QuanTALinear", "LoRAConv3d", "LoHaConv3d", "LoKrConv3d", "LoRALinear", "LoHaLinear",
+    "QuanTALinear", "LoRAConv3d", "LoHaConv3d", "LoKrConv3d", "LoRAConv2d", "LoHaConv2d",
+    "LoKrConv2d", "LoRALinear", "LoHaLinear",
     "LoKrLinear", "inject", "merge_and_unload", "save_adapter", "load_adapter",
     "read_adapter_metadata", "read_adapter_base", "base_fingerprint", "BaseMismatchWarning",
     "adapter_layers", "execution_plan", "count_parameters", "fold_frozen", "folded_layers",

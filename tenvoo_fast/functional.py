@@ -1,4 +1,4 @@
-"""Adapted Conv3d and Linear forwards as functions of the layer and the input: what the layers
+"""Adapted Conv3d, Conv2d and Linear forwards as functions of the layer and the input: what the layers
 in :mod:`tenvoo_fast.nn` and :mod:`tenvoo_fast.methods` call.
 
 Each asks :mod:`tenvoo_fast.dispatch` which backend and strategy run the layer, then runs them:
@@ -25,7 +25,13 @@ from .ops.geometry import ConvGeometry
 def adapted_conv3d(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer`` (an adapted Conv3d) applied to ``x`` by the backend and strategy dispatch
     chooses."""
-    return _run(layer, x, _reference_conv3d, _fast_conv3d)
+    return _run(layer, x, _reference_conv, _fast_conv3d)
+
+
+def adapted_conv2d(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer`` (an adapted Conv2d) applied to ``x``: by the reference, the one backend dispatch
+    picks for a Conv2d (a named fast backend is refused, saying so)."""
+    return _run(layer, x, _reference_conv, None)
 
 
 def adapted_linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -48,14 +54,16 @@ def _run(layer, x, reference_op, fast_op):
         return fast_op(layer, x, backend)
 
 
-def lora_bypass_conv3d(layer, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x, W) + s * up(down(x))``: a LoRA Conv3d in peft's bypass form (always torch)."""
+def lora_bypass_conv(layer, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x, W) + s * up(down(x))``: a LoRA Conv3d / Conv2d in peft's bypass form (always
+    torch)."""
     x = layer.check_input(x)
     dt = layer.compute_dtype(x)
     base = layer._conv_forward(x, layer.weight.to(dt), None if layer.bias is None
                                else layer.bias.to(dt))
     h = layer._conv_forward(x, layer.down.to(dt), None)
-    return base + layer.network.scale * F.conv3d(h, layer.up.to(dt))
+    conv = F.conv3d if layer.weight.dim() == 5 else F.conv2d
+    return base + layer.network.scale * conv(h, layer.up.to(dt))
 
 
 def delta_weight(network, tensors, backend) -> torch.Tensor:
@@ -84,7 +92,7 @@ def _frozen_delta(layer, backend) -> list:
     return [] if t is None else [t]
 
 
-def _reference_conv3d(layer, x):
+def _reference_conv(layer, x):
     return layer._conv_forward(x, layer.effective_weight().to(layer.compute_dtype(x)),
                                _bias(layer, x))
 

@@ -53,7 +53,8 @@ def oracle_forward_and_grads(layer, x, gy, kind):
         w = w - spec_delta(layer, list(layer.frozen_cores))
     b = None if layer.bias is None else layer.bias.detach().double().requires_grad_()
     if kind == "conv":
-        y = F.conv3d(x64, w, b, layer.stride, layer.padding, layer.dilation)
+        conv = F.conv3d if w.dim() == 5 else F.conv2d
+        y = conv(x64, w, b, layer.stride, layer.padding, layer.dilation)
     else:
         y = F.linear(x64, w, b)
     y.backward(gy.double())

@@ -2,7 +2,7 @@
 by tenvoo_fast's layers holding the same trained weights (the same function, to fp32 rounding),
 and back.
 
-- :func:`convert`: peft LoRA on Conv3d and Linear (rsLoRA's scale included), LyCORIS's
+- :func:`convert`: peft LoRA on Conv3d, Conv2d and Linear (rsLoRA's scale included), LyCORIS's
   LoCon, LoHa and LoKr modules (hooked into the layers by its ``apply_to``), and the published
   TenVOO code's Conv3d (TenVOO-L/Q) and Linear (QuanTA) layers;
 - :func:`~tenvoo_fast.model.load_published` (and :func:`~tenvoo_fast.load_adapter` given its

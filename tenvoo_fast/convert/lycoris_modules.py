@@ -1,6 +1,6 @@
 """LyCORIS's LoCon, LoHa and LoKr modules to tenvoo_fast's layers.
 
-LyCORIS's ``apply_to`` leaves each original Conv3d/Linear in the model and replaces its
+LyCORIS's ``apply_to`` leaves each original Conv3d/Conv2d/Linear in the model and replaces its
 ``forward`` with the LyCORIS module's, which adds ``multiplier · scale · scalar · ΔW``. The
 module's factors are tenvoo_fast's cores in the same order and shapes (LoCon: down, up; LoHa:
 w1a, w1b, w2a, w2b; LoKr: w1, w2 (or w2a, w2b), LyCORIS's split rule), so a
@@ -20,17 +20,19 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..model.config import AdapterConfig
-from ..methods.loha import LoHaConv3d, LoHaLinear
-from ..methods.lokr import LoKrConv3d, LoKrLinear
-from ..methods.lora import LoRAConv3d, LoRALinear
+from ..methods.loha import LoHaConv2d, LoHaConv3d, LoHaLinear
+from ..methods.lokr import LoKrConv2d, LoKrConv3d, LoKrLinear
+from ..methods.lora import LoRAConv2d, LoRAConv3d, LoRALinear
 
-#: LyCORIS module class -> (parameter names tenvoo_fast reproduces, Conv3d class, Linear class).
+#: LyCORIS module class -> (parameter names tenvoo_fast reproduces, Conv3d class, Linear class,
+#: Conv2d class).
 MODULES = {
-    "LoConModule": (({"lora_down.weight", "lora_up.weight"},), LoRAConv3d, LoRALinear),
+    "LoConModule": (({"lora_down.weight", "lora_up.weight"},), LoRAConv3d, LoRALinear,
+                    LoRAConv2d),
     "LohaModule": (({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},), LoHaConv3d,
-                   LoHaLinear),
+                   LoHaLinear, LoHaConv2d),
     "LokrModule": (({"lokr_w1", "lokr_w2"}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}), LoKrConv3d,
-                   LoKrLinear),
+                   LoKrLinear, LoKrConv2d),
 }
 
 
@@ -63,7 +65,7 @@ def convert_module(name: str, layer: nn.Module, module: nn.Module) -> tuple[nn.M
         raise AdapterError(f"{name}: LyCORIS {kind} with weight decomposition (DoRA), which "
                            "tenvoo_fast does not implement")
     names = {n for n, _ in module.named_parameters()}
-    sets, conv_cls, linear_cls = MODULES[kind]
+    sets, conv_cls, linear_cls, conv2d_cls = MODULES[kind]
     if names not in sets:
         extra = sorted(names - set().union(*sets))
         raise AdapterError(f"{name}: LyCORIS {kind} with factors {sorted(names)}"
@@ -71,15 +73,17 @@ def convert_module(name: str, layer: nn.Module, module: nn.Module) -> tuple[nn.M
                            + "; tenvoo_fast reproduces the plain factorisation only")
     if isinstance(layer, nn.Conv3d):
         cls, adapt = conv_cls, conv_cls.from_conv
+    elif isinstance(layer, nn.Conv2d):
+        cls, adapt = conv2d_cls, conv2d_cls.from_conv
     elif isinstance(layer, nn.Linear):
         cls, adapt = linear_cls, linear_cls.from_linear
     else:
         raise AdapterError(f"{name}: LyCORIS {kind} on a {type(layer).__name__}; tenvoo_fast "
-                           "adapts Conv3d and Linear layers")
+                           "adapts Conv3d, Conv2d and Linear layers")
     rank = int(module.lora_dim)
     scale = float(module.scale) * float(module.multiplier) * float(module.scalar)
     options = {}
-    if cls in (LoKrConv3d, LoKrLinear):
+    if cls in (LoKrConv3d, LoKrConv2d, LoKrLinear):
         options = dict(factor=int(getattr(module, "factor", -1)), full_w2="lokr_w2" in names)
     new = adapt(layer, rank, scale * rank, name=name, **options)
     factors = [p for _, p in module.named_parameters()]
@@ -136,7 +140,7 @@ def _probe(layer: nn.Module, new: nn.Module, module: nn.Module) -> float:
     """The largest difference between the LyCORIS-driven ``layer`` and ``new`` on a random
     input, relative to the output's largest magnitude (LyCORIS in eval mode: no dropout)."""
     weight = layer.weight
-    if isinstance(layer, nn.Conv3d):
+    if isinstance(layer, (nn.Conv3d, nn.Conv2d)):
         spatial = [(k - 1) * d + s + 1 for k, d, s in
                    zip(layer.kernel_size, layer.dilation, layer.stride)]
         x = torch.randn(2, layer.in_channels, *spatial, dtype=weight.dtype, device=weight.device)

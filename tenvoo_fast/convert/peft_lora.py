@@ -2,10 +2,11 @@
 
 A peft LoRA layer computes ``base(x) + s · B(A(dropout(x)))``; ``LoRAConv3d`` / ``LoRALinear``
 compute ``conv/linear(x, W + s · up ×_r down)``: the same function (fp32 rounding), with
-``down = A.weight`` and ``up = B.weight`` in the same shapes. What tenvoo_fast cannot compute
+``down = A.weight`` and ``up = B.weight`` in the same shapes (``LoRAConv2d`` likewise for a
+Conv2d). What tenvoo_fast cannot compute
 the same way is refused with the layer's name: DoRA and peft's other LoRA variants, a LoRA bias,
-several adapters on a layer, a merged or disabled adapter, and base layers other than Conv3d and
-Linear. Dropout is not part of tenvoo_fast's layers: a converted layer trains without it (the
+several adapters on a layer, a merged or disabled adapter, and base layers other than Conv3d,
+Conv2d and Linear. Dropout is not part of tenvoo_fast's layers: a converted layer trains without it (the
 conversion says so).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..methods.lora import LoRAConv3d, LoRALinear
+from ..methods.lora import LoRAConv2d, LoRAConv3d, LoRALinear
 from ..model.config import AdapterConfig
 
 #: The weights file of a peft adapter folder.
@@ -82,16 +83,17 @@ def convert_layer(name: str, layer: nn.Module) -> tuple[nn.Module, int, float, f
     down, up = layer.lora_A[a].weight, layer.lora_B[a].weight
     r, scale = int(down.shape[0]), float(layer.scaling[a])
     alpha = scale * r
-    if isinstance(base, nn.Conv3d):
+    if isinstance(base, (nn.Conv3d, nn.Conv2d)):
         if base.groups != 1:
-            raise AdapterError(f"{name}: a grouped Conv3d (groups={base.groups}); tenvoo_fast "
-                               "adapts ungrouped convs")
-        new = LoRAConv3d.from_conv(base, r, alpha, name=name)
+            raise AdapterError(f"{name}: a grouped {type(base).__name__} (groups={base.groups}); "
+                               "tenvoo_fast adapts ungrouped convs")
+        cls = LoRAConv3d if isinstance(base, nn.Conv3d) else LoRAConv2d
+        new = cls.from_conv(base, r, alpha, name=name)
     elif isinstance(base, nn.Linear):
         new = LoRALinear.from_linear(base, r, alpha, name=name)
     else:
         raise AdapterError(f"{name}: peft LoRA on a {type(base).__name__}; tenvoo_fast adapts "
-                           "Conv3d and Linear layers")
+                           "Conv3d, Conv2d and Linear layers")
     with torch.no_grad():
         new.cores[0].copy_(down.reshape(new.cores[0].shape))
         new.cores[1].copy_(up.reshape(new.cores[1].shape))
@@ -147,7 +149,8 @@ def export_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
 
     from ..model.inject import adapter_layers
     layers = adapter_layers(model)
-    others = [n for n, m in layers.items() if not isinstance(m, (LoRAConv3d, LoRALinear))]
+    others = [n for n, m in layers.items()
+              if not isinstance(m, (LoRAConv3d, LoRAConv2d, LoRALinear))]
     if not layers or others:
         raise AdapterError(f"export to peft: {'no adapter layers' if not layers else others[0]}"
                            "; peft holds LoRA layers (method 'lora')")

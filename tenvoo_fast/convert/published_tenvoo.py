@@ -18,13 +18,13 @@ from ..methods.tenvoo import TenVOOConv3d
 from ..model.config import AdapterConfig
 from ..model.inject import _set_submodule, mark_trainable
 from ..model.published_checkpoint import layer_config, published_layers
-from ..nn.conv3d import meta_conv3d_like
+from ..nn.adapted_conv import meta_conv_like
 from ..nn.linear import meta_linear_like
 
 
 def _plain_layer(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A plain Conv3d / Linear with ``module``'s settings and bias and the weight ``weight``."""
-    new = (meta_conv3d_like(module) if isinstance(module, nn.Conv3d)
+    new = (meta_conv_like(module) if isinstance(module, nn.Conv3d)
            else meta_linear_like(module))
     new.weight = nn.Parameter(weight, requires_grad=False)
     new.bias = module.bias

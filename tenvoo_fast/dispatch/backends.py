@@ -85,6 +85,12 @@ def _no_fp64(layer, x):
     return None
 
 
+def _no_conv2d(layer, x):
+    if isinstance(layer, nn.Conv2d):
+        return "a Conv2d (the fast kernels run Conv3d and Linear layers; the reference runs it)"
+    return None
+
+
 def _no_string_padding(layer, x):
     if isinstance(getattr(layer, "padding", None), str):
         return f"string padding {layer.padding!r} (the reference handles it)"
@@ -114,12 +120,13 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("reference", None),
-    Backend("torch", "torch", checks=(_no_string_padding,)),
+    Backend("torch", "torch", checks=(_no_conv2d, _no_string_padding)),
     Backend("triton", "triton", _triton_unavailable,
-            (_cuda_or_interpreter, _no_fp64, _no_string_padding)),
-    Backend("cpu", "native", _native_unavailable("cpu"), (_on_device("cpu"), _no_string_padding)),
+            (_no_conv2d, _cuda_or_interpreter, _no_fp64, _no_string_padding)),
+    Backend("cpu", "native", _native_unavailable("cpu"),
+            (_no_conv2d, _on_device("cpu"), _no_string_padding)),
     Backend("cuda", "native", _native_unavailable("cuda"),
-            (_on_device("cuda"), _no_string_padding)),
+            (_no_conv2d, _on_device("cuda"), _no_string_padding)),
 )}
 
 
@@ -156,13 +163,17 @@ def validate(name: str) -> str:
 
 
 def layer_kind(layer) -> str:
-    return "linear" if isinstance(layer, nn.Linear) else "conv3d"
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    return "conv2d" if isinstance(layer, nn.Conv2d) else "conv3d"
 
 
 def auto_ranking(layer, x: torch.Tensor) -> tuple[str, ...]:
     """The backends ``auto`` tries for ``layer`` on ``x``'s device, best first. While
     ``torch.compile`` traces, the reference goes last: opt_einsum's path search breaks the
     graph, where the other backends trace as one custom op."""
+    if layer_kind(layer) == "conv2d":
+        return ("reference",)
     if x.device.type == "cuda":
         ranking = gpu_costs.ranking(layer, tuple(x.shape), layer.compute_dtype(x))
     else:

@@ -1,10 +1,12 @@
-"""LoHa (adapters.md §5): ΔW = s · (w1a @ w1b) ⊙ (w2a @ w2b) on Conv3d and Linear layers."""
+"""LoHa (adapters.md §5): ΔW = s · (w1a @ w1b) ⊙ (w2a @ w2b) on Conv3d, Conv2d and Linear
+layers."""
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
 from ..contraction.network import ZEROS, Core, Init, TensorNetwork
+from ..nn.conv2d import AdaptedConv2d
 from ..nn.conv3d import AdaptedConv3d
 from ..nn.linear import AdaptedLinear
 from .common import TAP_LETTERS, alpha_scale, check_rank
@@ -33,10 +35,16 @@ class LoHaConv3d(AdaptedConv3d):
     network_of = staticmethod(loha)
 
 
+class LoHaConv2d(AdaptedConv2d):
+    """LoHa on a Conv2d (the reference runs it), as :class:`LoHaConv3d`."""
+    network_of = staticmethod(loha)
+
+
 class LoHaLinear(AdaptedLinear):
     """LoHa on a Linear: ΔW = s * (w1a @ w1b) ⊙ (w2a @ w2b).
     ``LoHaLinear.from_linear(linear, rank, alpha=None, name=None)``."""
     network_of = staticmethod(loha)
 
 
-register_baseline("loha", LoHaConv3d, LoHaLinear, "LoHa on Conv3d and Linear layers")
+register_baseline("loha", LoHaConv3d, LoHaLinear, "LoHa on Conv3d, Conv2d and Linear layers",
+                  conv2d_class=LoHaConv2d)

@@ -6,6 +6,7 @@ import math
 from typing import Optional, Sequence
 
 from ..contraction.network import ZEROS, Core, TensorNetwork
+from ..nn.conv2d import AdaptedConv2d
 from ..nn.conv3d import AdaptedConv3d
 from ..nn.linear import AdaptedLinear
 from .common import TAP_LETTERS, alpha_scale, check_rank, kaiming_uniform_a5
@@ -65,12 +66,17 @@ class LoKrConv3d(AdaptedConv3d):
     network_of = staticmethod(lokr)
 
 
+class LoKrConv2d(AdaptedConv2d):
+    """LoKr on a Conv2d (the reference runs it), as :class:`LoKrConv3d`."""
+    network_of = staticmethod(lokr)
+
+
 class LoKrLinear(AdaptedLinear):
     """LoKr on a Linear: ΔW = s * kron(w1, w2).
     ``LoKrLinear.from_linear(linear, rank, alpha=None, name=None, factor=-1, full_w2=None)``."""
     network_of = staticmethod(lokr)
 
 
-register_baseline("lokr", LoKrConv3d, LoKrLinear, "LoKr on Conv3d and Linear layers",
+register_baseline("lokr", LoKrConv3d, LoKrLinear, "LoKr on Conv3d, Conv2d and Linear layers",
                   conv_options={"factor": "lokr_factor"},
-                  linear_options={"factor": "lokr_factor"})
+                  linear_options={"factor": "lokr_factor"}, conv2d_class=LoKrConv2d)

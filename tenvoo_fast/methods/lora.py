@@ -1,4 +1,4 @@
-"""LoRA / LoCon (adapters.md §5): ΔW = s · up ×_r down on Conv3d and Linear layers."""
+"""LoRA / LoCon (adapters.md §5): ΔW = s · up ×_r down on Conv3d, Conv2d and Linear layers."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ from torch import nn
 from .. import functional
 from ..contraction.network import ZEROS, Core, TensorNetwork
 from ..errors import AdapterError
+from ..nn.conv2d import AdaptedConv2d
 from ..nn.conv3d import AdaptedConv3d
 from ..nn.linear import AdaptedLinear
 from .common import TAP_LETTERS, alpha_scale, check_rank, kaiming_uniform_a5
@@ -21,7 +22,7 @@ MODES = ("merged", "bypass")
 def lora(cout: int, cin: int, taps: Sequence[int], rank: int, alpha=None, *,
          layer: str = "LoRA") -> TensorNetwork:
     """LoRA / LoCon: ΔW = s * up ×_r down; down (r, Cin, *k) Kaiming-uniform, up (Cout, r, 1..)
-    zeros; ``taps`` is () for a Linear, (kD, kH, kW) for a Conv3d."""
+    zeros; ``taps`` is () for a Linear, (kH, kW) for a Conv2d, (kD, kH, kW) for a Conv3d."""
     r = check_rank(rank, layer)
     k = tuple(taps)
     kl = TAP_LETTERS[:len(k)]
@@ -44,17 +45,12 @@ class _DownUp:
         return self.cores[1]
 
 
-class LoRAConv3d(_DownUp, AdaptedConv3d):
-    """LoRA / LoCon on a Conv3d: ΔW = s * up ×_r down.
-
-    ``mode="merged"`` runs ``conv(x, W + ΔW)``; ``mode="bypass"`` runs
-    ``conv(x, W) + s * up(down(x))``, as peft's LoRA Conv3d does.
-    """
-    network_of = staticmethod(lora)
+class _LoRAConv(_DownUp):
+    """LoRA's conv layers: merged or peft's bypass form."""
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv3d, rank: int, alpha: Optional[float] = None,
-                  mode: str = "merged", name: Optional[str] = None) -> "LoRAConv3d":
+    def from_conv(cls, conv: nn.Module, rank: int, alpha: Optional[float] = None,
+                  mode: str = "merged", name: Optional[str] = None):
         if mode not in MODES:
             raise AdapterError(f"{name or cls.__name__}: mode must be 'merged' or 'bypass', got "
                                f"{mode!r}")
@@ -65,7 +61,21 @@ class LoRAConv3d(_DownUp, AdaptedConv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "merged":
             return super().forward(x)
-        return functional.lora_bypass_conv3d(self, x)
+        return functional.lora_bypass_conv(self, x)
+
+
+class LoRAConv3d(_LoRAConv, AdaptedConv3d):
+    """LoRA / LoCon on a Conv3d: ΔW = s * up ×_r down.
+
+    ``mode="merged"`` runs ``conv(x, W + ΔW)``; ``mode="bypass"`` runs
+    ``conv(x, W) + s * up(down(x))``, as peft's LoRA Conv3d does.
+    """
+    network_of = staticmethod(lora)
+
+
+class LoRAConv2d(_LoRAConv, AdaptedConv2d):
+    """LoRA / LoCon on a Conv2d (the reference runs it), modes as :class:`LoRAConv3d`."""
+    network_of = staticmethod(lora)
 
 
 class LoRALinear(_DownUp, AdaptedLinear):
@@ -74,5 +84,6 @@ class LoRALinear(_DownUp, AdaptedLinear):
     network_of = staticmethod(lora)
 
 
-register_baseline("lora", LoRAConv3d, LoRALinear, "LoRA / LoCon on Conv3d and Linear layers",
-                  conv_options={"mode": "lora_mode"})
+register_baseline("lora", LoRAConv3d, LoRALinear,
+                  "LoRA / LoCon on Conv3d, Conv2d and Linear layers",
+                  conv_options={"mode": "lora_mode"}, conv2d_class=LoRAConv2d)

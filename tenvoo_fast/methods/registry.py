@@ -19,11 +19,13 @@ Builder = Callable[[object, object, str], object]
 
 @dataclass(frozen=True)
 class Method:
-    """A method users name in an :class:`~tenvoo_fast.AdapterConfig`, and its two builders."""
+    """A method users name in an :class:`~tenvoo_fast.AdapterConfig`, and its builders (None:
+    the method does not adapt that layer type)."""
     name: str
     conv3d: Optional[Builder]
     linear: Optional[Builder]
     summary: str = ""
+    conv2d: Optional[Builder] = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -50,31 +52,36 @@ def get_method(name: str) -> Method:
 
 def build(config, name: str, module):
     """The adapter layer ``config`` (an :class:`~tenvoo_fast.AdapterConfig`) gives the target
-    ``module`` (an ``nn.Conv3d`` or ``nn.Linear``) named ``name``."""
+    ``module`` (an ``nn.Conv3d``, ``nn.Conv2d`` or ``nn.Linear``) named ``name``."""
     method = get_method(config.method)
-    if isinstance(module, nn.Conv3d) and method.conv3d is not None:
-        return method.conv3d(module, config, name)
-    if isinstance(module, nn.Linear) and method.linear is not None:
-        return method.linear(module, config, name)
-    if isinstance(module, (nn.Conv3d, nn.Linear)):
-        raise AdapterError(f"{name}: method {method.name!r} cannot adapt a "
-                           f"{type(module).__name__}; exclude it from target_modules")
+    for kind, builder in ((nn.Conv3d, method.conv3d), (nn.Conv2d, method.conv2d),
+                          (nn.Linear, method.linear)):
+        if isinstance(module, kind):
+            if builder is None:
+                able = [n for n in _METHODS if getattr(_METHODS[n], kind.__name__.lower())]
+                raise AdapterError(f"{name}: method {method.name!r} cannot adapt a "
+                                   f"{kind.__name__} ({', '.join(able)} can); exclude it from "
+                                   "target_modules")
+            return builder(module, config, name)
     raise AdapterError(
-        f"{name}: target pattern matched a {type(module).__name__}, but only nn.Conv3d and "
-        f"nn.Linear can be adapted; anchor the pattern so it names the layer itself (for "
-        f"MONAI's Convolution wrapper, match '{name}.conv' with a pattern ending in '.conv$')")
+        f"{name}: target pattern matched a {type(module).__name__}, but only nn.Conv3d, "
+        "nn.Conv2d and nn.Linear can be adapted; anchor the pattern so it names the layer "
+        f"itself (for MONAI's Convolution wrapper, match '{name}.conv' with a pattern ending in '.conv$')")
 
 
 def register_baseline(name: str, conv_class, linear_class, summary: str,
                       conv_options: Optional[dict] = None,
-                      linear_options: Optional[dict] = None) -> Method:
+                      linear_options: Optional[dict] = None, conv2d_class=None) -> Method:
     """Register a baseline whose layers are built as ``conv_class.from_conv(conv, rank, alpha,
-    name=..., **options)`` and ``linear_class.from_linear(...)``; ``*_options`` map each
-    option to the config attribute it comes from (e.g. ``{"mode": "lora_mode"}``)."""
+    name=..., **options)``, ``linear_class.from_linear(...)`` and, for a Conv2d,
+    ``conv2d_class.from_conv(...)`` (with the conv options); ``*_options`` map each option to
+    the config attribute it comes from (e.g. ``{"mode": "lora_mode"}``)."""
     def builder(constructor, options):
         def build_layer(module, config, layer_name):
             extra = {k: getattr(config, attr) for k, attr in (options or {}).items()}
             return constructor(module, config.rank, config.alpha, name=layer_name, **extra)
         return build_layer
     return register(Method(name, builder(conv_class.from_conv, conv_options),
-                           builder(linear_class.from_linear, linear_options), summary))
+                           builder(linear_class.from_linear, linear_options), summary,
+                           None if conv2d_class is None
+                           else builder(conv2d_class.from_conv, conv_options)))

@@ -11,16 +11,16 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..methods import build
-from ..nn.conv3d import meta_conv3d_like
+from ..nn.adapted_conv import meta_conv_like
 from ..nn.linear import meta_linear_like
 
 
 def _meta_shadow(module: nn.Module) -> nn.Module:
-    """A Conv3d/Linear with ``module``'s hyper-parameters and dtype on the meta device (no
+    """A Conv3d/Conv2d/Linear with ``module``'s hyper-parameters and dtype on the meta device (no
     memory), for building an adapter only to read its shapes; other modules as they are (the
     build refuses them before allocating anything)."""
-    if isinstance(module, nn.Conv3d):
-        return meta_conv3d_like(module)
+    if isinstance(module, (nn.Conv3d, nn.Conv2d)):
+        return meta_conv_like(module)
     if isinstance(module, nn.Linear):
         return meta_linear_like(module)
     return module

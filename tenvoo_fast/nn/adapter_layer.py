@@ -1,6 +1,7 @@
 """What every adapted layer shares: its cores, the frozen copy, ΔW and the effective weight.
 
-An adapted layer *is* the layer it replaces (a subclass of ``nn.Conv3d`` or ``nn.Linear``): it
+An adapted layer *is* the layer it replaces (a subclass of ``nn.Conv3d``, ``nn.Conv2d`` or
+``nn.Linear``): it
 keeps the original weight and bias Parameter objects, so ``state_dict`` keys, attributes such as
 ``in_channels`` and optimisers that already hold the bias keep working. The math comes from a
 :class:`~tenvoo_fast.contraction.network.TensorNetwork`; the execution from
@@ -82,15 +83,17 @@ def plain_tensor(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_adaptable(module, kind: type, cls_name: str, name: str) -> None:
-    """Refuse a ``module`` that is not a plain ``kind`` (``nn.Conv3d`` / ``nn.Linear``), naming
-    the layer and the fix."""
-    conv = kind is nn.Conv3d
+    """Refuse a ``module`` that is not a plain ``kind`` (``nn.Conv3d`` / ``nn.Conv2d`` /
+    ``nn.Linear``), naming the layer and the fix."""
     if not isinstance(module, kind):
+        got = type(module).__name__
+        fix = {"Conv3d": "adapt Conv3d layers with the *Conv3d classes",
+               "Linear": "adapt Linear layers with the *Linear classes",
+               "Conv2d": "adapt Conv2d layers with LoRAConv2d, LoHaConv2d or LoKrConv2d"}.get(
+                   got, "tenvoo_fast adapts Conv3d, Conv2d and Linear layers")
         raise AdapterError(
-            f"{name}: {cls_name}.{'from_conv' if conv else 'from_linear'} needs an "
-            f"nn.{kind.__name__}, got {type(module).__name__}; adapt "
-            f"{'Linear' if conv else 'Conv3d'} layers with the *{'Linear' if conv else 'Conv3d'} "
-            "classes")
+            f"{name}: {cls_name}.{'from_linear' if kind is nn.Linear else 'from_conv'} needs an "
+            f"nn.{kind.__name__}, got {got}; {fix}")
     if isinstance(module, AdapterLayer):
         raise AdapterError(f"{name}: this layer is already adapted ({type(module).__name__}); "
                            "adapt the original layer, or merge_and_unload first")
@@ -128,7 +131,8 @@ def _check_folded(module, state_dict, prefix, local_metadata, strict, missing, u
 
 
 class AdapterLayer:
-    """Mixin for adapted ``nn.Conv3d`` / ``nn.Linear`` layers; see the module docstring."""
+    """Mixin for adapted ``nn.Conv3d`` / ``nn.Conv2d`` / ``nn.Linear`` layers; see the module
+    docstring."""
 
     network: TensorNetwork
     adapter_name: str
@@ -297,7 +301,7 @@ class AdapterLayer:
         return self.effective_weight().to(self.weight.dtype)
 
     def merged_module(self) -> nn.Module:
-        """A plain ``nn.Conv3d`` / ``nn.Linear`` whose weight is the effective weight (formed
+        """A plain ``nn.Conv3d`` / ``nn.Conv2d`` / ``nn.Linear`` whose weight is the effective weight (formed
         in fp32) and whose bias is a copy of this layer's."""
         module = self.plain_module()
         module.weight = nn.Parameter(self.merged_weight())

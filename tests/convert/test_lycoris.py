@@ -9,16 +9,16 @@ import torch
 
 import tenvoo_fast as tf
 from tenvoo_fast.errors import AdapterError
-from tests.convert.test_peft_lora import Net, _grads
+from tests.convert.test_peft_lora import Net, _grads, inputs
 
 lycoris = pytest.importorskip("lycoris")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 
-def trained_lycoris(algo, rank=4, alpha=2, steps=3, seed=0, **options):
+def trained_lycoris(algo, rank=4, alpha=2, steps=3, seed=0, dims=3, **options):
     from lycoris import create_lycoris
     torch.manual_seed(seed)
-    base = Net()
+    base = Net(dims)
     model = copy.deepcopy(base)
     network = create_lycoris(model, 1.0, linear_dim=rank, linear_alpha=alpha, conv_dim=rank,
                              conv_alpha=alpha, algo=algo, **options)
@@ -26,7 +26,7 @@ def trained_lycoris(algo, rank=4, alpha=2, steps=3, seed=0, **options):
     opt = torch.optim.SGD(network.parameters(), lr=0.1)
     for _ in range(steps):
         opt.zero_grad()
-        model(torch.randn(2, 4, 6, 6, 6)).square().mean().backward()
+        model(inputs(2, dims)).square().mean().backward()
         opt.step()
     with torch.no_grad():           # factors away from their initialisation everywhere
         for p in network.parameters():
@@ -34,19 +34,21 @@ def trained_lycoris(algo, rank=4, alpha=2, steps=3, seed=0, **options):
     return base, model, network
 
 
+@pytest.mark.parametrize("dims", [3, 2])
 @pytest.mark.parametrize("algo,rank", [("locon", 4), ("loha", 4), ("lokr", 4), ("lokr", 2)])
-def test_converted_outputs_and_gradients_are_lycoris_s(algo, rank):
-    base, model, network = trained_lycoris(algo, rank)
+def test_converted_outputs_and_gradients_are_lycoris_s(algo, rank, dims):
+    base, model, network = trained_lycoris(algo, rank, dims=dims)
     model.requires_grad_(False)
     network.requires_grad_(True)
     network.zero_grad()             # the network's factors are not the model's parameters
-    x = torch.randn(3, 4, 6, 6, 6)
+    x = inputs(3, dims)
     out_peer, dx_peer = _grads(model, x)
     peer_grads = {m.org_module[0]: [p.grad.clone() for p in m.parameters()]
                   for m in network.loras}
     layers_before = {n: m for n, m in model.named_modules() if n in ("conv", "down", "head")}
     ours = tf.convert(model)
     assert ours is model and set(tf.adapter_layers(ours)) == {"conv", "down", "head"}
+    assert isinstance(ours.conv, tf.nn.AdaptedConv3d if dims == 3 else tf.nn.AdaptedConv2d)
     out, dx = _grads(ours, x)
     torch.testing.assert_close(out, out_peer, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx, dx_peer, rtol=1e-5, atol=1e-6)
@@ -57,13 +59,14 @@ def test_converted_outputs_and_gradients_are_lycoris_s(algo, rank):
         n for n, _ in ours.named_parameters() if ".cores." in n}
 
 
-def test_the_converted_model_saves_loads_and_trains_on(tmp_path):
-    base, model, _ = trained_lycoris("lokr", 2)
+@pytest.mark.parametrize("dims", [3, 2])
+def test_the_converted_model_saves_loads_and_trains_on(tmp_path, dims):
+    base, model, _ = trained_lycoris("lokr", 2, dims=dims)
     ours = tf.convert(model)
     tf.save_adapter(ours, tmp_path / "a.safetensors")
     fresh = copy.deepcopy(base)
     tf.load_adapter(fresh, tmp_path / "a.safetensors")
-    x = torch.randn(2, 4, 6, 6, 6)
+    x = inputs(2, dims)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), ours(x))
     before = [c.detach().clone() for c in tf.adapter_layers(ours)["conv"].cores]

@@ -15,33 +15,39 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 
 class Net(nn.Module):
-    """A Conv3d (3x3x3 and a strided one), a Linear and an untouched norm."""
+    """A Conv3d (3x3x3 and a strided one; Conv2d with ``dims=2``), a Linear and an untouched
+    norm."""
 
-    def __init__(self):
+    def __init__(self, dims=3):
         super().__init__()
-        self.conv = nn.Conv3d(4, 6, 3, padding=1)
-        self.down = nn.Conv3d(6, 8, 3, stride=2, padding=1)
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.conv = conv(4, 6, 3, padding=1)
+        self.down = conv(6, 8, 3, stride=2, padding=1)
         self.norm = nn.GroupNorm(2, 8)
         self.head = nn.Linear(8, 5)
 
     def forward(self, x):
         h = self.norm(self.down(torch.relu(self.conv(x))))
-        return self.head(h.mean(dim=(2, 3, 4)))
+        return self.head(h.flatten(2).mean(dim=2))
 
 
 TARGETS = ["conv", "down", "head"]
 
 
-def trained_peft(seed=0, steps=3, **config):
+def inputs(batch, dims=3):
+    return torch.randn(batch, 4, *(6,) * dims)
+
+
+def trained_peft(seed=0, steps=3, dims=3, **config):
     torch.manual_seed(seed)
-    base = Net()
+    base = Net(dims)
     model = get_peft_model(copy.deepcopy(base), LoraConfig(
         r=config.pop("r", 4), lora_alpha=config.pop("lora_alpha", 8), target_modules=TARGETS,
         **config))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(steps):          # B leaves zero: the update is not trivial
         opt.zero_grad()
-        model(torch.randn(2, 4, 6, 6, 6)).square().mean().backward()
+        model(inputs(2, dims)).square().mean().backward()
         opt.step()
     return base, model
 
@@ -54,16 +60,18 @@ def _grads(model, x):
     return out.detach(), x.grad
 
 
+@pytest.mark.parametrize("dims", [3, 2])
 @pytest.mark.parametrize("rslora", [False, True])
-def test_converted_outputs_and_gradients_are_peft_s(rslora):
-    _, model = trained_peft(use_rslora=rslora)
+def test_converted_outputs_and_gradients_are_peft_s(rslora, dims):
+    _, model = trained_peft(use_rslora=rslora, dims=dims)
     model.eval()
-    x = torch.randn(3, 4, 6, 6, 6)
+    x = inputs(3, dims)
     out_peft, dx_peft = _grads(model, x)
     grads_peft = {n.replace(".lora_A.default", ".down").replace(".lora_B.default", ".up"): p.grad
                   for n, p in model.named_parameters() if p.requires_grad}
     ours = tf.convert(model)
     assert set(tf.adapter_layers(ours)) == set(TARGETS)
+    assert type(ours.conv) is (tf.LoRAConv3d if dims == 3 else tf.LoRAConv2d)
     out, dx = _grads(ours, x)
     torch.testing.assert_close(out, out_peft, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx, dx_peft, rtol=1e-5, atol=1e-6)
@@ -76,30 +84,32 @@ def test_converted_outputs_and_gradients_are_peft_s(rslora):
         f"{t}.cores.{i}" for t in TARGETS for i in (0, 1)}
 
 
-def test_convert_train_on_export_and_reload_in_peft(tmp_path):
-    base, model = trained_peft()
+@pytest.mark.parametrize("dims", [3, 2])
+def test_convert_train_on_export_and_reload_in_peft(tmp_path, dims):
+    base, model = trained_peft(dims=dims)
     ours = tf.convert(model)
     opt = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         opt.zero_grad()
-        ours(torch.randn(2, 4, 6, 6, 6)).square().mean().backward()
+        ours(inputs(2, dims)).square().mean().backward()
         opt.step()
     folder = tf.export_peft(ours, tmp_path / "peft-adapter")
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), folder)
-    x = torch.randn(2, 4, 6, 6, 6)
+    x = inputs(2, dims)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), ours(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(AdapterError, match="exists; choose a new folder"):
         tf.export_peft(ours, folder)
 
 
-def test_a_converted_model_saves_and_loads_as_a_tenvoo_fast_adapter(tmp_path):
-    base, model = trained_peft()
+@pytest.mark.parametrize("dims", [3, 2])
+def test_a_converted_model_saves_and_loads_as_a_tenvoo_fast_adapter(tmp_path, dims):
+    base, model = trained_peft(dims=dims)
     ours = tf.convert(model)
     tf.save_adapter(ours, tmp_path / "a.safetensors")
     fresh = tf.inject(copy.deepcopy(base), tf.model.get_config(ours))
     tf.load_adapter(fresh, tmp_path / "a.safetensors")
-    x = torch.randn(2, 4, 6, 6, 6)
+    x = inputs(2, dims)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), ours(x))
 
@@ -122,13 +132,17 @@ def test_what_cannot_be_computed_the_same_way_is_refused(config, message):
     assert {n for n, _ in model.named_modules()} == before      # nothing replaced
 
 
-def test_a_conv2d_and_other_peft_methods_are_named():
+def test_other_layer_types_and_other_peft_methods_are_named():
     torch.manual_seed(0)
-    two_d = get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3)),
+    one_d = get_peft_model(nn.Sequential(nn.Conv1d(3, 4, 3)),
                            LoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises(AdapterError, match=r"^0: peft LoRA on a Conv2d; tenvoo_fast adapts "
-                                           r"Conv3d and Linear"):
-        tf.convert(two_d)
+    with pytest.raises(AdapterError, match=r"^0: peft LoRA on a Conv1d; tenvoo_fast adapts "
+                                           r"Conv3d, Conv2d and Linear"):
+        tf.convert(one_d)
+    grouped = get_peft_model(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)),
+                             LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(AdapterError, match=r"^0: a grouped Conv2d \(groups=2\)"):
+        tf.convert(grouped)
     from peft import LoHaConfig
     loha = get_peft_model(Net(), LoHaConfig(r=2, target_modules=["head"]))
     with pytest.raises(AdapterError,

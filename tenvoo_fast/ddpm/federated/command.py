@@ -1,5 +1,6 @@
 """``tenvoo-fast federated``: the options, the checks made before any client starts, and the
-run (a Flower simulation in this process)."""
+run (a Flower simulation in this process, or, with ``--write-app``, the Flower App folder for a
+real SuperLink and SuperNodes)."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last finished round")
+    parser.add_argument("--write-app", metavar="DIR",
+                        help="do not run: write the Flower App folder with these options as its "
+                             "run config, for `flwr run DIR CONNECTION` on a real SuperLink with "
+                             "one SuperNode per client (README, 'Federated')")
 
 
 def _counts(text: str) -> list[int]:
@@ -107,10 +112,17 @@ def check(opts: FederatedOptions) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .flower_app import simulate
     from .rounds import build_model
     opts = options(args)
     check(opts)
+    if args.write_app:
+        from .deployment import run_config, write_app
+        folder = write_app(args.write_app, run_config(args))
+        print(f"wrote the Flower App {folder}: start a SuperLink and one SuperNode per client "
+              f"(--node-config 'partition-id=N data=\"DIR\"'), then flwr run {folder} "
+              "CONNECTION --stream")
+        return {}
+    from .flower_app import simulate
     model = build_model(opts)
     adapter, full = len(encode(trained_state(model))), full_model_bytes(model)
     print(f"tenvoo-fast federated: {opts.clients} clients x {opts.rounds} rounds, {opts.method} "

@@ -1,7 +1,8 @@
 """The federated run on Flower: a ``ServerApp`` whose main loop sends each round's payload to
 every client, aggregates what comes back (:mod:`.rounds`) and records the round, and a
 ``ClientApp`` that trains and validates. By default both run in one process through Flower's
-simulation engine (:func:`simulate`); the same apps run on a real SuperLink and SuperNodes.
+simulation engine (:func:`simulate`); :mod:`.deployment` runs the same apps on a real SuperLink
+and SuperNodes.
 
 Every message carries safetensors bytes (one uint8 array) and a few numbers; a client that
 fails or does not answer in time is left out of the round and named in the metrics.
@@ -16,7 +17,7 @@ from ...errors import RunError
 from .record import Recorder
 from .rounds import (FederatedOptions, aggregate, apply_payload, build_model, client_evaluate,
                      client_train, decode_payload, encode_payload, fit_problem, merges_payload,
-                     replay_history, round_weights, tentative_payload)
+                     node_options, replay_history, round_weights, tentative_payload)
 from .wire import full_model_bytes, trained_state
 
 #: How long the server waits for the clients to connect and for each round's replies (s).
@@ -42,14 +43,24 @@ def client_app():
     app = ClientApp()
 
     def _client(context: Context) -> int:
+        if "partition-id" not in context.node_config:
+            raise RunError("this SuperNode has no partition-id in its node config; start it "
+                           "with --node-config 'partition-id=N' (N: its client index)")
         return int(context.node_config["partition-id"])
+
+    def _options(config, context: Context, client: int) -> FederatedOptions:
+        opts = FederatedOptions.from_json(config["options"])
+        if not 0 <= client < opts.clients:
+            raise RunError(f"partition-id={client} in this SuperNode's node config, but the run "
+                           f"has {opts.clients} clients (0 to {opts.clients - 1})")
+        return node_options(opts, client, context.node_config)
 
     @app.train()
     def train(msg: Message, context: Context):
         _torch_imported()
         config = msg.content["config"]
-        opts = FederatedOptions.from_json(config["options"])
         client = _client(context)
+        opts = _options(config, context, client)
         _maybe_fail(client, int(config["round"]))
         began = time.perf_counter()
         out = client_train(opts, client, int(config["round"]),
@@ -69,8 +80,8 @@ def client_app():
     def evaluate(msg: Message, context: Context):
         _torch_imported()
         config = msg.content["config"]
-        opts = FederatedOptions.from_json(config["options"])
         client = _client(context)
+        opts = _options(config, context, client)
         out = client_evaluate(opts, client, _record_bytes(msg.content["payload"]),
                               int(config["adapt_steps"]))
         value = out["val_loss"]
@@ -155,6 +166,9 @@ def _clients(grid, n: int) -> dict[int, int]:
             found[reply.metadata.src_node_id] = int(reply.content["metrics"]["client"])
     if len(found) < n:
         raise RunError(f"federated: {len(found)} of {n} clients answered the first query")
+    if len(set(found.values())) < len(found):
+        raise RunError(f"federated: SuperNodes with the same partition-id {sorted(found.values())}"
+                       "; give each its own, 0 to clients - 1")
     return found
 
 

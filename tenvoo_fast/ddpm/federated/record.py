@@ -14,8 +14,9 @@ from ...files import atomic_path, write_json_atomic
 from .rounds import FederatedOptions
 
 METRICS = "metrics.json"
-#: Options a resumed run may change (the rest must match: they define the rounds already run).
-RESUMABLE = {"rounds", "resume", "out", "local_adaptation", "device"}
+#: Options a resumed run may change (the rest must match: they define the rounds already run);
+#: the backend and strategy run the same math (a run may move to other hardware).
+RESUMABLE = {"rounds", "resume", "out", "local_adaptation", "device", "backend", "strategy"}
 
 
 def round_file(out: Path, round_: int) -> Path:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from safetensors.torch import load, save
@@ -63,6 +63,26 @@ class FederatedOptions:
     @classmethod
     def from_json(cls, text: str) -> "FederatedOptions":
         return cls(**json.loads(text))
+
+
+#: Node-config keys a client's SuperNode may set, and the option each sets.
+NODE_KEYS = {"data": "client_data", "base-weights": "base_weights", "device": "device"}
+
+
+def node_options(opts: FederatedOptions, client: int, node_config: Mapping) -> FederatedOptions:
+    """``opts`` as client ``client`` runs them: its node config's data folder, base weights and
+    device in place of the server's."""
+    changes = {}
+    for key, field_name in NODE_KEYS.items():
+        value = node_config.get(key)
+        if value in (None, ""):
+            continue
+        if field_name == "client_data":
+            folders = list(opts.client_data or [None] * opts.clients)
+            folders[client] = str(value)
+            value = folders
+        changes[field_name] = value
+    return replace(opts, **changes) if changes else opts
 
 
 def build_model(opts: FederatedOptions):

@@ -17,7 +17,7 @@ from tenvoo_fast.errors import RunError
 
 pytest.importorskip("flwr")
 from tenvoo_fast.ddpm.federated import deployment  # noqa: E402
-from tenvoo_fast.ddpm.federated.command import add_arguments, options  # noqa: E402
+from tenvoo_fast.ddpm.federated.flags import add_arguments, options  # noqa: E402
 from tenvoo_fast.ddpm.federated.rounds import FederatedOptions, node_options  # noqa: E402
 
 ARGS = ["--clients", "2", "--num-volumes", "3,4", "--rounds", "1", "--local-steps", "1",

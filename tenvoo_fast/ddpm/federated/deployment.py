@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ...errors import RunError
+from .flags import add_arguments, check, options
 from .rounds import FederatedOptions
 
 #: Run-config keys that are flags without a value.
@@ -26,7 +27,6 @@ _SWITCHES = ("resume",)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .command import add_arguments
     parser = argparse.ArgumentParser(prog="flwr run (tenvoo_fast federated run config)",
                                      exit_on_error=False)
     add_arguments(parser)
@@ -43,7 +43,6 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def options_from_run_config(run_config: Mapping) -> FederatedOptions:
     """The server's :class:`FederatedOptions` from a Flower run config, parsed and checked by
     the command's own parser (unknown keys and bad values are one-line errors)."""
-    from .command import check, options
     parser = _parser()
     known = _flags(parser)
     argv = []

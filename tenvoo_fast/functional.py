@@ -1,5 +1,5 @@
-"""Adapted Conv3d, Conv2d and Linear forwards as functions of the layer and the input: what the layers
-in :mod:`tenvoo_fast.nn` and :mod:`tenvoo_fast.methods` call.
+"""Adapted Conv3d, Conv2d and Linear forwards as functions of the layer and the input: what the
+layers in :mod:`tenvoo_fast.nn` and :mod:`tenvoo_fast.methods` call.
 
 Each asks :mod:`tenvoo_fast.dispatch` which backend and strategy run the layer, then runs them:
 the reference (the published contraction and the framework's conv/linear, autograd through

@@ -66,7 +66,8 @@ def build(config, name: str, module):
     raise AdapterError(
         f"{name}: target pattern matched a {type(module).__name__}, but only nn.Conv3d, "
         "nn.Conv2d and nn.Linear can be adapted; anchor the pattern so it names the layer "
-        f"itself (for MONAI's Convolution wrapper, match '{name}.conv' with a pattern ending in '.conv$')")
+        f"itself (for MONAI's Convolution wrapper, match '{name}.conv' with a pattern ending "
+        "in '.conv$')")
 
 
 def register_baseline(name: str, conv_class, linear_class, summary: str,

@@ -301,8 +301,8 @@ class AdapterLayer:
         return self.effective_weight().to(self.weight.dtype)
 
     def merged_module(self) -> nn.Module:
-        """A plain ``nn.Conv3d`` / ``nn.Conv2d`` / ``nn.Linear`` whose weight is the effective weight (formed
-        in fp32) and whose bias is a copy of this layer's."""
+        """A plain ``nn.Conv3d`` / ``nn.Conv2d`` / ``nn.Linear`` whose weight is the effective
+        weight (formed in fp32) and whose bias is a copy of this layer's."""
         module = self.plain_module()
         module.weight = nn.Parameter(self.merged_weight())
         if self.bias is not None:

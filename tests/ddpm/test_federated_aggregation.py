@@ -147,7 +147,7 @@ def test_only_trained_tensors_cross_the_wire():
 
 
 def test_an_adapter_that_does_not_fit_is_named():
-    from tenvoo_fast.ddpm.federated.rounds import fit_problem
+    from tenvoo_fast.ddpm.federated.wire import fit_problem
     server, states = clients()
     reference = {k: tuple(v.shape) for k, v in trained_state(server).items()}
     assert fit_problem(states[0], reference) is None

@@ -16,9 +16,9 @@ import numpy as np
 from ...errors import RunError
 from .record import Recorder
 from .rounds import (FederatedOptions, aggregate, apply_payload, build_model, client_evaluate,
-                     client_train, decode_payload, encode_payload, fit_problem, merges_payload,
+                     client_train, decode_payload, encode_payload, merges_payload,
                      node_options, replay_history, round_weights, tentative_payload)
-from .wire import full_model_bytes, trained_state
+from .wire import fit_problem, full_model_bytes, trained_state
 
 #: How long the server waits for the clients to connect and for each round's replies (s).
 CONNECT_TIMEOUT_S = 120.0
@@ -200,7 +200,7 @@ def run_rounds(grid, opts: FederatedOptions) -> dict:
             state, _ = decode_payload(data)
             problem = fit_problem(state, reference)
             if problem is not None:
-                missing[c] = problem
+                missing[c] = f"its adapter does not fit the server's model: {problem}"
                 continue
             states[c] = state
             m = content["metrics"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Mapping, Optional
@@ -155,28 +156,12 @@ def _client_data(opts: FederatedOptions, client: int):
     return client_volumes(client, size, opts.seed, data=data, num_volumes=n)
 
 
-def fit_problem(state: dict, reference: dict) -> Optional[str]:
-    """Why a client's trained tensors do not fit the server's (name -> shape), or None."""
-    unknown = sorted(set(state) - set(reference))
-    missing = sorted(set(reference) - set(state))
-    if unknown or missing:
-        return (f"its adapter does not fit the server's model: {len(unknown)} tensors the model "
-                f"does not train, {len(missing)} missing (e.g. {(unknown or missing)[0]})")
-    for name, shape in reference.items():
-        if tuple(state[name].shape) != tuple(shape):
-            return (f"its adapter does not fit the server's model: {name} has shape "
-                    f"{list(state[name].shape)}, the model's {list(shape)}")
-    return None
-
-
+@contextmanager
 def _running(opts: FederatedOptions):
-    """The backend, strategy and autocast a client trains and validates with (finetune's)."""
+    """The backend and strategy a client trains and validates with (finetune's)."""
     from ...dispatch import use_backend, use_strategy
-    from contextlib import ExitStack
-    stack = ExitStack()
-    stack.enter_context(use_backend(opts.backend))
-    stack.enter_context(use_strategy(opts.strategy, strict=False))
-    return stack
+    with use_backend(opts.backend), use_strategy(opts.strategy, strict=False):
+        yield
 
 
 def _autocast(opts: FederatedOptions):

@@ -2,6 +2,8 @@
 biases and norms that train; nothing of the frozen base) as safetensors bytes."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from safetensors.torch import load, save
 from torch import nn
@@ -32,20 +34,27 @@ def full_model_bytes(model: nn.Module) -> int:
                list(model.parameters()) + list(model.buffers()))
 
 
+def fit_problem(state: dict, reference: dict) -> Optional[str]:
+    """Why trained tensors ``state`` do not fit a model training ``reference`` (name -> shape),
+    or None."""
+    unknown = sorted(set(state) - set(reference))
+    missing = sorted(set(reference) - set(state))
+    if unknown or missing:
+        return (f"{len(unknown)} tensors the model does not train, {len(missing)} missing "
+                f"(e.g. {(unknown or missing)[0]})")
+    for name, shape in reference.items():
+        if tuple(state[name].shape) != tuple(shape):
+            return f"{name} has shape {list(state[name].shape)}, the model's {list(shape)}"
+    return None
+
+
 @torch.no_grad()
 def load_trained(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy received trained tensors into ``model``; a tensor the model does not train, or of
     another shape, is an error naming it (an adapter that does not fit the model)."""
     params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
-    unknown = sorted(set(tensors) - set(params))
-    missing = sorted(set(params) - set(tensors))
-    if unknown or missing:
-        raise RunError("the received adapter does not fit this model: "
-                       + (f"{len(unknown)} tensors it does not train (e.g. {unknown[0]})"
-                          if unknown else f"{len(missing)} of its trained tensors missing "
-                          f"(e.g. {missing[0]})"))
+    problem = fit_problem(tensors, {n: p.shape for n, p in params.items()})
+    if problem is not None:
+        raise RunError(f"the received adapter does not fit this model: {problem}")
     for name, value in tensors.items():
-        if tuple(value.shape) != tuple(params[name].shape):
-            raise RunError(f"the received adapter does not fit this model: {name} has shape "
-                           f"{list(value.shape)}, the model {list(params[name].shape)}")
         params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -34,7 +34,7 @@ import opt_einsum
 import torch
 
 from . import native_runner
-from .sweep import Step, tree_steps
+from .sweep import Step, linear_path, tree_steps
 
 
 @dataclass(frozen=True)
@@ -431,11 +431,11 @@ def _hoisted(code: tuple, ready: set[int]) -> tuple:
 
 
 #: What a forward may keep for its backward: this fraction of the weight's size, or (small
-#: layers) :data:`KEEP_ELEMENTS` (256 KB in fp32); beyond it the largest intermediates are
-#: rebuilt in backward, a call each. At r=4 every DDPM layer's intermediates fit (none is
-#: rebuilt for TenVOO-L); operator calls, not these bytes, bind the step.
-KEEP_FRACTION = 0.05
-KEEP_ELEMENTS = 1 << 16
+#: layers) :data:`KEEP_ELEMENTS` (512 KB in fp32); beyond it the largest intermediates are
+#: rebuilt in backward, a call each. At r=4 every DDPM layer's intermediates fit for TenVOO-L
+#: (none is rebuilt); operator calls, not these bytes, bind the step.
+KEEP_FRACTION = 0.1
+KEEP_ELEMENTS = 1 << 17
 
 
 def _outputs(op) -> list[int]:
@@ -498,15 +498,30 @@ PATH_FINDERS = ("dp", "greedy", "branch-2", "branch-all")
 #: A tree may cost this much more than the cheapest (in opt_einsum's flop count) if it saves
 #: operator calls: the small steps are a few kflops at the ranks used, the calls are not free.
 FLOP_SLACK = 1.5
+#: Trees to try beside opt_einsum's, per equation (as the program sees it, pre-reduced): node-id
+#: pairs (0..n-1 the cores, n.. the results in order), found by :mod:`.tree_search` and declared
+#: by the methods whose networks they suit (:func:`declare_trees`).
+DECLARED_TREES: dict[str, tuple[tuple[tuple[int, int], ...], ...]] = {}
+
+
+def declare_trees(equation: str, trees) -> None:
+    """Let the planner try ``trees`` (node-id pairs) for ``equation`` beside opt_einsum's."""
+    n = equation.count(",") + 1
+    for pairs in trees:
+        ids = sorted(i for pair in pairs for i in pair)
+        if len(pairs) != n - 1 or ids != list(range(2 * n - 2)):
+            raise ValueError(f"{pairs} is not a pairwise tree over the {n} tensors of "
+                             f"{equation}")
+    DECLARED_TREES[equation] = tuple(tuple(tuple(p) for p in pairs) for pairs in trees)
+    candidates.cache_clear()
+    program_for.cache_clear()
 
 
 @lru_cache(maxsize=None)
-def candidates(equation: str, shapes: tuple[tuple[int, ...], ...],
-               slack: float = None) -> tuple[tuple[int, "Program"], ...]:
-    """``(flops, program)`` of every tree opt_einsum's path finders propose (and its dynamic
-    programming by fewest written elements), within ``slack`` (:data:`FLOP_SLACK`) of the
-    fewest flops."""
-    slack = FLOP_SLACK if slack is None else slack
+def opt_einsum_trees(equation: str, shapes: tuple[tuple[int, ...], ...]
+                     ) -> tuple[tuple[int, tuple[Step, ...]], ...]:
+    """``(flops, steps)`` of every pairwise tree opt_einsum's path finders propose (and its
+    dynamic programming by fewest written elements)."""
     found = {}
     finders = PATH_FINDERS + (opt_einsum.DynamicProgramming(minimize="write"),)
     for finder in finders:
@@ -515,26 +530,72 @@ def candidates(equation: str, shapes: tuple[tuple[int, ...], ...],
         path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=finder)
         if any(len(p) != 2 for p in path):
             continue
-        steps = tree_steps(equation, path)
-        found[steps] = int(info.opt_cost)
-    cheapest = min(found.values())
-    return tuple((cost, compile_program(equation, shapes, s, as_weight))
-                 for s, cost in found.items() for as_weight in (False, True)
-                 if cost <= slack * cheapest)
+        found[tree_steps(equation, path)] = int(info.opt_cost)
+    return tuple((cost, steps) for steps, cost in found.items())
+
+
+def _declared(equation: str, shapes) -> tuple[tuple[int, tuple[Step, ...]], ...]:
+    out = []
+    for pairs in DECLARED_TREES.get(equation, ()):
+        path = linear_path(pairs, equation.count(",") + 1)
+        _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path)
+        out.append((int(info.opt_cost), tree_steps(equation, path)))
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def _compiled(equation: str, shapes, steps, as_weight: bool) -> "Program":
+    return compile_program(equation, shapes, steps, as_weight)
+
+
+def _programs(trees, equation, shapes, slack) -> tuple[tuple[int, "Program"], ...]:
+    """Both programs (dL/dT read either way) of each distinct tree within ``slack`` of the
+    fewest flops among ``trees``."""
+    cheapest = min(cost for cost, _ in trees)
+    seen, out = set(), []
+    for cost, steps in trees:
+        if cost <= slack * cheapest and steps not in seen:
+            seen.add(steps)
+            out += [(cost, _compiled(equation, shapes, steps, as_weight))
+                    for as_weight in (False, True)]
+    return tuple(out)
+
+
+def opt_einsum_candidates(equation: str, shapes: tuple[tuple[int, ...], ...],
+                          slack: float = None) -> tuple[tuple[int, "Program"], ...]:
+    """``(flops, program)`` of opt_einsum's trees within ``slack`` (:data:`FLOP_SLACK`) of
+    the fewest flops (the declared trees left out)."""
+    slack = FLOP_SLACK if slack is None else slack
+    return _programs(opt_einsum_trees(equation, shapes), equation, shapes, slack)
+
+
+@lru_cache(maxsize=None)
+def candidates(equation: str, shapes: tuple[tuple[int, ...], ...],
+               slack: float = None) -> tuple[tuple[int, "Program"], ...]:
+    """``(flops, program)`` of opt_einsum's trees and the declared ones
+    (:data:`DECLARED_TREES`) within ``slack`` (:data:`FLOP_SLACK`) of the fewest flops."""
+    slack = FLOP_SLACK if slack is None else slack
+    trees = opt_einsum_trees(equation, shapes) + _declared(equation, shapes)
+    return _programs(trees, equation, shapes, slack)
 
 
 @lru_cache(maxsize=None)
 def program_for(equation: str, shapes: tuple[tuple[int, ...], ...]) -> Program:
     """The cheapest :class:`Program` for ``equation``: among the trees opt_einsum's path
-    finders propose, the fewest operator calls (copies count), within :data:`FLOP_SLACK` of
-    the fewest flops."""
-    return min(candidates(equation, shapes), key=lambda t: (_calls(t[1]), t[0]))[1]
+    finders propose and the declared ones, the fewest operator calls (copies count), within
+    :data:`FLOP_SLACK` of the fewest flops."""
+    return min(candidates(equation, shapes), key=lambda t: (calls(t[1]), t[0]))[1]
 
 
-def _calls(p: Program) -> int:
-    """Operator calls of a program's forward and backward, the permuting pass of dL/dW into
-    the GEMM's order (:func:`~tenvoo_fast.kernels.torch_last_step.grad_gemm`) included."""
-    return len(p.forward) + len(p.backward) + int(not p.grad_as_weight)
+def calls(p: Program) -> int:
+    """Operator calls of a program's forward and backward: its instructions (a pack of two or
+    more cores is a ``cat`` and a gather), the forward instructions the backward re-runs, and
+    the permuting pass of dL/dW into the GEMM's order
+    (:func:`~tenvoo_fast.kernels.torch_last_step.grad_gemm`) when it needs one."""
+    pack = p.forward[0] if p.forward and isinstance(p.forward[0], tuple) else ()
+    packs_cores = len(pack) > 1 and all(r.src == r.dst for r in pack)
+    return (len(p.forward) + len(p.backward) + len(p.recompute) + int(packs_cores)
+            + int(not p.grad_as_weight))
 
 
 # -- running a program in torch ------------------------------------------------------------------

@@ -33,6 +33,20 @@ def sweep_plan(equation: str, shapes: tuple[tuple[int, ...], ...]) -> tuple[Step
     return tree_steps(equation, path)
 
 
+def linear_path(pairs, n: int) -> list[tuple[int, int]]:
+    """A tree given as node-id pairs (0..n-1 the inputs, n.. the results in order) as
+    opt_einsum's linear path (positions in the shrinking operand list)."""
+    live, path, next_id = list(range(n)), [], n
+    for a, b in pairs:
+        i, j = live.index(a), live.index(b)
+        path.append((i, j))
+        for p in sorted((i, j), reverse=True):
+            live.pop(p)
+        live.append(next_id)
+        next_id += 1
+    return path
+
+
 def tree_steps(equation: str, path) -> tuple[Step, ...]:
     """The pairwise steps of an opt_einsum (linear-format) contraction path."""
     lhs, out = equation.split("->")

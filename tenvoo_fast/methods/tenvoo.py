@@ -7,7 +7,9 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from ..contraction import program
 from ..contraction.network import Core, TensorNetwork
+from ..contraction.prereduce import plan
 from ..errors import AdapterError
 from ..nn.conv3d import AdaptedConv3d
 from . import quanta
@@ -23,6 +25,16 @@ TENVOO_EQUATIONS = {
 #: The same network with its output in the conv weight's layout [Cout, Cin, kD, kH, kW], which
 #: equals the spec's ``T.reshape(Cin, kD, kH, kW, Cout).permute(4, 0, 1, 2, 3)``.
 TENVOO_WEIGHT_OUTPUT = "ABCabcxyz"
+
+#: Contraction trees (node-id pairs: 0-9 the cores, 10.. the results in order) that cost the
+#: torch path fewer operator calls than opt_einsum's trees on the paper DDPM's convs (r=4):
+#: found by ``python benchmarks/search_trees.py --trials 1600`` (seed 0). The planner compares
+#: them with opt_einsum's for every layer (:func:`~tenvoo_fast.contraction.program.declare_trees`).
+TENVOO_TREES = {
+    "L": (((4, 5), (8, 10), (3, 9), (0, 7), (1, 13), (2, 14), (6, 11), (12, 15), (16, 17)),
+          ((1, 2), (3, 9), (6, 8), (5, 12), (7, 10), (4, 13), (11, 15), (0, 14), (16, 17))),
+    "Q": (((0, 1), (3, 4), (7, 9), (2, 12), (8, 10), (13, 14), (5, 11), (15, 16), (6, 17)),),
+}
 
 
 def tenvoo(variant: str, in_factors: Sequence[int], out_factors: Sequence[int],
@@ -55,6 +67,16 @@ def tenvoo(variant: str, in_factors: Sequence[int], out_factors: Sequence[int],
         meta=dict(variant=variant, rank=r, in_factors=(i1, i2, i3), out_factors=(o1, o2, o3),
                   kernel_size=(kD, kH, kW), init=init))
 
+
+def _declare_trees() -> None:
+    """Declare :data:`TENVOO_TREES` for the equations the programs see (pre-reduced: TenVOO-Q's
+    size-1 axis sums cores 2 and 3 first), which do not depend on the channel counts."""
+    for variant, trees in TENVOO_TREES.items():
+        net = tenvoo(variant, (2, 2, 2), (2, 2, 2), (3, 3, 3), 2)
+        program.declare_trees(plan(net.equation, net.contraction_shapes).equation, trees)
+
+
+_declare_trees()
 
 class TenVOOConv3d(AdaptedConv3d):
     """Conv3d adapted with TenVOO-L or TenVOO-Q: ``y = conv3d(x, W - T(θ0) + T(θ)) + b``.

@@ -91,7 +91,7 @@ def test_quanta_programs_match_the_oracle(shape):
 @pytest.mark.parametrize("variant", "LQ")
 def test_programs_copy_little_and_keep_little(variant):
     """Over the DDPM's TenVOO layers: a few copy calls per step (a group of relayouts is one),
-    and what the forward keeps within the keep limit (5% of the weight, or 65536 numbers for
+    and what the forward keeps within the keep limit (10% of the weight, or 131072 numbers for
     a small layer)."""
     for cin, cout in DDPM_CONV_SHAPES:
         p, reduced = _network(f"tenvoo-{variant.lower()}", cin, cout, 3, 4)

@@ -68,8 +68,8 @@ def saved_bytes_beyond_owned(layer, x):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_torch_backend_keeps_only_its_small_intermediates(name, seeded):
     """The torch kernels keep the contraction's small results for backward (so backward does
-    not redo them): at most the program's keep limit (5% of the weight, or 65536 numbers for
-    a small layer)."""
+    not redo them): at most the program's keep limit (10% of the weight, or 131072 numbers
+    for a small layer)."""
     layer = LAYERS[name]()
     x = (torch.randn(1, 64, 6, 6, 4) if "quanta" not in name else torch.randn(8, 128))
     x.requires_grad_()
@@ -77,7 +77,7 @@ def test_torch_backend_keeps_only_its_small_intermediates(name, seeded):
     with use_backend("torch"):
         assert saved_bytes_beyond_owned(layer, x) <= max(
             program.KEEP_FRACTION * weight_bytes, program.KEEP_ELEMENTS * 4)
-        assert program.KEEP_FRACTION <= 0.05 and program.KEEP_ELEMENTS <= 1 << 16
+        assert program.KEEP_FRACTION <= 0.1 and program.KEEP_ELEMENTS <= 1 << 17
     with use_backend("reference"):  # the published algorithm keeps at least a weight's worth
         assert saved_bytes_beyond_owned(layer, x) >= weight_bytes
 

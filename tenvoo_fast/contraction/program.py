@@ -153,6 +153,11 @@ def read(layout: str, sizes: dict, groups: tuple[str, str, str]) -> Optional[tup
     return tuple(size), tuple(stride)
 
 
+@lru_cache(maxsize=1 << 16)
+def _cached_read(sizes_key: tuple, layout: str, groups: tuple) -> Optional[tuple]:
+    return read(layout, dict(sizes_key), groups)
+
+
 def _orders(letters: set, fixed: list[str], limit: int = 24) -> list[str]:
     """Candidate orders of a letter group: as it lies in each fixed layout, or (no fixed
     layout holds it) every permutation, up to ``limit``."""
@@ -197,14 +202,12 @@ class _Builder:
         self.code: list = []
         #: tensor -> the copy of it a step made to read it (later readers reuse the copy)
         self.copied: dict[int, int] = {}
-        self._reads: dict = {}
+        self._sizes_key = tuple(sorted(sizes.items()))
 
     def _read(self, layout: str, groups: tuple) -> Optional[tuple]:
-        """:func:`read` with this program's sizes, remembered (the search asks often)."""
-        key = (layout, groups)
-        if key not in self._reads:
-            self._reads[key] = read(layout, self.sizes, groups)
-        return self._reads[key]
+        """:func:`read` with this program's sizes, remembered across builders (the search
+        asks often, and a layer's candidate programs ask alike)."""
+        return _cached_read(self._sizes_key, layout, groups)
 
     def new(self, layout: str) -> int:
         self.layouts.append(layout)
@@ -259,6 +262,7 @@ class _Builder:
             raise ValueError(f"{lp},{lq}->{out}: a letter is summed inside one operand")
         fixed = [lay for t, lay in ((p, lp), (q, lq)) if t not in self.free]
         best = None
+        misses: dict[str, int] = {}     # layout -> consumer misses (fixed during this call)
         # The batch: the letters both operands share with the output, or (none shared) some
         # free letters of one operand, the other read with batch stride 0 (broadcast).
         splits = [(batch, None)]
@@ -287,7 +291,9 @@ class _Builder:
                 for layout in _out_layouts(b, rows, cols, target or hint):
                     if self._read(layout, (b, rows, cols)) is None:
                         continue
-                    miss = self._consumer_misses(layout, consumer)
+                    miss = misses.get(layout)
+                    if miss is None:
+                        miss = misses[layout] = self._consumer_misses(layout, consumer)
                     wrong = 0 if target is None else int(layout != target)
                     key = (copies + miss + wrong, wrong, owner is not None)
                     if best is None or key < best[0]:

@@ -73,29 +73,29 @@ def test_torch_compile_fullgraph():
     assert all(p.grad is not None for p in layer.cores)
 
 
-def test_check_kernels_compiles_everything_for_sm80_and_sm90():
-    """``tenvoo-fast check-kernels`` (a fresh process: the kernels must not be interpreted)."""
+@pytest.mark.parametrize("arch", [80, 90])
+def test_check_kernels_compiles_everything_for_sm80_and_sm90(arch):
+    """``tenvoo-fast check-kernels`` (a fresh process: the kernels must not be interpreted),
+    one architecture per test so that the two run side by side."""
     import os
     import subprocess
     import sys
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, "-m", "tenvoo_fast", "check-kernels",
-                          "--arch", "80,90"], capture_output=True, text=True, env=env,
+                          "--arch", str(arch)], capture_output=True, text=True, env=env,
                          timeout=600)
     lines = run.stdout.splitlines()
     assert run.returncode == 0, run.stdout + run.stderr
     for kernel in ("build_kernel", "grads_kernel", "tree_kernel", "conv_fwd_kernel",
                    "conv_dgrad_kernel", "conv_wgrad_kernel", "project_kernel", "expand_kernel",
                    "outer_kernel"):
-        for arch in (80, 90):
-            assert any(l.startswith((f"ok      sm_{arch}  {kernel}[", f"ok      sm_{arch}  {kernel} "))
-                       for l in lines), (kernel, arch)
+        assert any(l.startswith((f"ok      sm_{arch}  {kernel}[", f"ok      sm_{arch}  {kernel} "))
+                   for l in lines), (kernel, arch)
     # Every csrc .cu file is compiled by nvcc for both architectures where nvcc exists.
     from tenvoo_fast.kernels.compile_check import nvcc
-    for arch in (80, 90):
-        want = "ok      " if nvcc() else "skipped "
-        assert any(l.startswith(f"{want}sm_{arch}  csrc/cuda/last_step_cuda.cu")
-                   or (not nvcc() and l.startswith(f"skipped sm_{arch}")) for l in lines), arch
+    want = "ok      " if nvcc() else "skipped "
+    assert any(l.startswith(f"{want}sm_{arch}  csrc/cuda/last_step_cuda.cu")
+               or (not nvcc() and l.startswith(f"skipped sm_{arch}")) for l in lines), arch
     if nvcc():  # and the CUDA extension's host file against torch's headers
         assert "ok      host   csrc/cuda/bind_cuda.cpp" in lines
     assert not any(l.startswith("failed") for l in lines)

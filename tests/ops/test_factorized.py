@@ -97,7 +97,11 @@ def test_fp32_error_near_init_within_1_5x_of_merged(cin, cout, variant, seeded, 
     """A(x; θ) - A(x; θ0) is formed telescoped (ΔV·conv(U·x, K) + V0·(conv(U·x, ΔK) +
     conv(ΔU·x, K0)), and likewise for the input gradient), so the fp32 error of the output and
     the input gradient against the fp64 oracle stays within 1.5x of the merged path's (the
-    core gradients never involve θ0; the oracle tests bound them)."""
+    core gradients never involve θ0; the oracle tests bound them). The Triton maps run here in
+    the interpreter, on the narrow shape only (the wide one takes minutes there; their
+    numerics on every DDPM shape are checked against the oracle above)."""
+    if factorized == "triton" and (cin, cout) != (32, 64):
+        pytest.skip("the Triton interpreter on 256->128: the torch maps cover the wide shape")
     layer = near_init(TenVOOConv3d.from_conv(realistic_conv(cin, cout), 4, variant))
     x = torch.randn(1, cin, 4, 4, 3)
     gy = torch.randn(layer(x).shape, dtype=torch.float64)

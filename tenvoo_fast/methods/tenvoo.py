@@ -28,12 +28,15 @@ TENVOO_WEIGHT_OUTPUT = "ABCabcxyz"
 
 #: Contraction trees (node-id pairs: 0-9 the cores, 10.. the results in order) that cost the
 #: torch path fewer operator calls than opt_einsum's trees on the paper DDPM's convs (r=4):
-#: found by ``python benchmarks/search_trees.py --trials 1600`` (seed 0). The planner compares
+#: found by ``python benchmarks/search_trees.py L --trials 1600`` (seed 0) and ``... Q --trials
+#: 4000 --seed 1``. The planner compares
 #: them with opt_einsum's for every layer (:func:`~tenvoo_fast.contraction.program.declare_trees`).
 TENVOO_TREES = {
     "L": (((4, 5), (8, 10), (3, 9), (0, 7), (1, 13), (2, 14), (6, 11), (12, 15), (16, 17)),
           ((1, 2), (3, 9), (6, 8), (5, 12), (7, 10), (4, 13), (11, 15), (0, 14), (16, 17))),
-    "Q": (((0, 1), (3, 4), (7, 9), (2, 12), (8, 10), (13, 14), (5, 11), (15, 16), (6, 17)),),
+    "Q": (((4, 5), (7, 9), (2, 11), (1, 8), (0, 13), (12, 14), (3, 10), (15, 16), (6, 17)),
+          ((4, 5), (7, 10), (1, 2), (8, 12), (3, 11), (9, 14), (13, 15), (6, 16), (0, 17)),
+          ((6, 7), (5, 10), (1, 2), (4, 11), (9, 13), (8, 14), (12, 15), (0, 16), (3, 17))),
 }
 
 

@@ -62,13 +62,18 @@ def test_the_declared_trees_save_calls_over_the_ddpm_convs(variant):
 
 
 def test_a_declared_tree_beyond_the_flop_slack_is_not_a_candidate():
-    """TenVOO-Q's declared tree costs 1.07x opt_einsum's fewest flops at r=4 but 2.6x at r=12:
-    there it is left out, and the layer runs an opt_einsum tree."""
-    for rank, declared in ((4, True), (12, False)):
+    """A declared tree is tried only within the flop slack of opt_einsum's fewest flops: at
+    256->256, TenVOO-Q's first tree costs 1.07x those at r=4 (tried) but 2.6x at r=12, where
+    every declared tree is left out and the layer runs an opt_einsum tree."""
+    tried_at = {}
+    for rank in (4, 12):
         eq, shapes = _problem("Q", 256, 256, rank=rank)
-        steps = {s for _, s in P._declared(eq, shapes)}
-        assert len(steps) == 1
         cheapest = min(c for c, _ in P.opt_einsum_trees(eq, shapes))
-        assert all(c <= P.FLOP_SLACK * cheapest for c, _ in P.candidates(eq, shapes))
-        compiled = {P._compiled(eq, shapes, s, w) for s in steps for w in (False, True)}
-        assert bool(compiled & {p for _, p in P.candidates(eq, shapes)}) == declared
+        programs = {p for _, p in P.candidates(eq, shapes)}
+        tried = []
+        for cost, steps in P._declared(eq, shapes):
+            compiled = {P._compiled(eq, shapes, steps, w) for w in (False, True)}
+            assert bool(compiled <= programs) == (cost <= P.FLOP_SLACK * cheapest)
+            tried.append(compiled <= programs)
+        tried_at[rank] = tried
+    assert tried_at[4][0] and not any(tried_at[12])

@@ -3,7 +3,8 @@ same layer costs trainable and plain, counted on the CPU (counts do not depend o
 
 The budgets are what the torch path achieves today (README, "Launches"); they only go down.
 The launch issue's budget for the torch path is +40 launches and 10 copies per adapted Conv3d:
-TenVOO-L meets it on every DDPM shape; TenVOO-Q does not yet.
+TenVOO-L meets it on every DDPM shape; TenVOO-Q meets the copy budget, not yet the
+launch budget.
 """
 import pytest
 import torch
@@ -17,9 +18,9 @@ from tests.layer_checks import CONV_MAKERS, LINEAR_MAKERS
 #: method -> (extra launches, extra copies) of an adapted Conv3d's step on the torch backend,
 #: per effective-weight policy (recompute: the default; keep: no rebuild in backward).
 CONV_BUDGETS = {
-    "recompute": {"tenvoo-l": (40, 4), "tenvoo-q": (51, 11), "lora": (6, 0), "loha": (14, 0),
+    "recompute": {"tenvoo-l": (40, 4), "tenvoo-q": (49, 10), "lora": (6, 0), "loha": (14, 0),
                   "lokr": (10, 1)},
-    "keep": {"tenvoo-l": (37, 4), "tenvoo-q": (48, 11), "lora": (4, 0), "loha": (12, 0),
+    "keep": {"tenvoo-l": (37, 4), "tenvoo-q": (46, 10), "lora": (4, 0), "loha": (12, 0),
              "lokr": (8, 1)},
 }
 #: The same for an adapted Linear (QuanTA) on the backend the CPU runs it with (reference).

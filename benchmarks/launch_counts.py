@@ -17,6 +17,7 @@ Usage (writes DIR/launch-counts.json and .md, and prints the tables)::
 
     python benchmarks/launch_counts.py --out benchmarks/results/launch-counts-cpu-DATE
     python benchmarks/launch_counts.py --configs full tenvoo-l:torch:merged  # a subset
+    python benchmarks/launch_counts.py --torch-shapes --out DIR  # torch path, every DDPM shape
 """
 from __future__ import annotations
 
@@ -127,6 +128,43 @@ def plan_rows(rank: int) -> list[dict]:
     return rows
 
 
+def torch_shape_rows(rank: int) -> list[dict]:
+    """The torch path's extra launches and copies per adapted Conv3d step (fp32, 2x2x2 volume)
+    for TenVOO-L and TenVOO-Q over every DDPM conv shape, recomputing and keeping the weight."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repository's tests/
+    import tenvoo_fast
+    from tenvoo_fast.measure.launches import extra_step_counts
+    from tests.ddpm_shapes import DDPM_CONV_SHAPES
+    rows = []
+    for method in ("tenvoo-l", "tenvoo-q"):
+        for policy in ("recompute", "keep"):
+            shapes = {}
+            for cin, cout in DDPM_CONV_SHAPES:
+                torch.manual_seed(0)
+                plain = torch.nn.Conv3d(cin, cout, 3, padding=1)
+                layer = _conv_adapter(method, torch.nn.Conv3d(cin, cout, 3, padding=1), rank)
+                x = torch.randn(1, cin, 2, 2, 2, requires_grad=True)
+                with tenvoo_fast.use_backend("torch"), tenvoo_fast.use_strategy("merged"), \
+                        tenvoo_fast.use_weight_policy(policy):
+                    c = extra_step_counts(layer, plain, x)
+                shapes[f"{cin}->{cout}"] = dict(launches=c.launches, copies=c.copies)
+            rows.append(dict(method=method, weight_policy=policy, shapes=shapes))
+    return rows
+
+
+def torch_shape_table(rows: list[dict], budget=(40, 10)) -> str:
+    lines = [f"| method | weight | shapes within +{budget[0]} / {budget[1]} | launches (min-max) "
+             "| copies (min-max) |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        n = [c["launches"] for c in r["shapes"].values()]
+        k = [c["copies"] for c in r["shapes"].values()]
+        within = sum(a <= budget[0] and b <= budget[1] for a, b in zip(n, k))
+        lines.append(f"| {r['method']} | {r['weight_policy']} | {within} of {len(n)} | "
+                     f"+{min(n)}..{max(n)} | {min(k)}-{max(k)} |")
+    return "\n".join(lines)
+
+
 def layer_table(rows: list[dict]) -> str:
     heads = [f"{s} launches / copies" for s in (f"{a}->{b}" for a, b in LAYER_SHAPES)]
     lines = ["| method | backend | weight | " + " | ".join(heads) + " |",
@@ -173,7 +211,24 @@ def main(argv=None) -> None:
     ap.add_argument("--amp", default="bf16")
     ap.add_argument("--out", default="runs/launch-counts", help="output folder")
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer tables")
+    ap.add_argument("--torch-shapes", action="store_true",
+                    help="only the torch path's counts over every DDPM conv shape (TenVOO-L/Q)")
     args = ap.parse_args(argv)
+    if args.torch_shapes:
+        rows = torch_shape_rows(args.rank)
+        out = Path(args.out)
+        write_json_atomic(out / "torch-shapes.json", dict(
+            rank=args.rank, device="cpu", versions=versions(),
+            date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            command=f"python benchmarks/launch_counts.py --torch-shapes --rank {args.rank}",
+            rows=rows))
+        text = ("The torch path's launches and copies per adapted 3x3x3 Conv3d step beyond the same "
+                f"conv trainable (r={args.rank}, fp32, 2x2x2 volume), over the DDPM's conv shapes:"
+                f"\n\n{torch_shape_table(rows)}\n")
+        with atomic_path(out / "torch-shapes.md") as tmp:
+            Path(tmp).write_text(text)
+        print(text)
+        return
     layers = [] if args.no_layers else layer_rows(args.rank)
     plans = [] if args.no_layers else plan_rows(args.rank)
     rows = []

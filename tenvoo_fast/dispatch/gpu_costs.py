@@ -38,10 +38,10 @@ CANDIDATES = ("triton", "torch", "reference")
 #: of two DDPM layer shapes at rank 4 (Triton's launches included; the recompute weight
 #: policy). The reference backend has no strategy ("merged": it builds the weight).
 LAUNCHES: dict[tuple[str, str], dict[tuple[str, str], int]] = {
-    ("conv3d", "tenvoo-l"): {("reference", "merged"): 61, ("torch", "merged"): 41,
+    ("conv3d", "tenvoo-l"): {("reference", "merged"): 61, ("torch", "merged"): 40,
                              ("torch", "factorized"): 164, ("triton", "merged"): 5,
                              ("triton", "factorized"): 162},
-    ("conv3d", "tenvoo-q"): {("reference", "merged"): 61, ("torch", "merged"): 53,
+    ("conv3d", "tenvoo-q"): {("reference", "merged"): 61, ("torch", "merged"): 46,
                              ("torch", "factorized"): 167, ("triton", "merged"): 5,
                              ("triton", "factorized"): 165},
     ("conv3d", "lora"): {("reference", "merged"): 4, ("torch", "merged"): 6,

@@ -20,8 +20,11 @@ from .rounds import (FederatedOptions, aggregate, apply_payload, build_model, cl
                      node_options, replay_history, round_weights, tentative_payload)
 from .wire import fit_problem, full_model_bytes, trained_state
 
-#: How long the server waits for the clients to connect and for each round's replies (s).
+#: How long the server waits (s) for the clients to connect, for each to answer its first
+#: query (a client app first loads torch and the model stack: over two minutes was seen on a
+#: loaded 2-core machine), and for each round's replies.
 CONNECT_TIMEOUT_S = 120.0
+FIRST_QUERY_TIMEOUT_S = 900.0
 ROUND_TIMEOUT_S = 3600.0
 
 
@@ -161,7 +164,7 @@ def _clients(grid, n: int) -> dict[int, int]:
     messages = [Message(RecordDict({}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in nodes]
     found = {}
-    for reply in grid.send_and_receive(messages, timeout=CONNECT_TIMEOUT_S):
+    for reply in grid.send_and_receive(messages, timeout=FIRST_QUERY_TIMEOUT_S):
         if not reply.has_error():
             found[reply.metadata.src_node_id] = int(reply.content["metrics"]["client"])
     if len(found) < n:

@@ -540,13 +540,16 @@ def opt_einsum_trees(equation: str, shapes: tuple[tuple[int, ...], ...]
     return tuple((cost, steps) for steps, cost in found.items())
 
 
+def tree_cost(equation: str, shapes, pairs) -> tuple[int, tuple[Step, ...]]:
+    """(opt_einsum's flop count, the pairwise steps) of the tree ``pairs`` (node-id pairs)."""
+    path = linear_path(pairs, equation.count(",") + 1)
+    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path)
+    return int(info.opt_cost), tree_steps(equation, path)
+
+
 def _declared(equation: str, shapes) -> tuple[tuple[int, tuple[Step, ...]], ...]:
-    out = []
-    for pairs in DECLARED_TREES.get(equation, ()):
-        path = linear_path(pairs, equation.count(",") + 1)
-        _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path)
-        out.append((int(info.opt_cost), tree_steps(equation, path)))
-    return tuple(out)
+    return tuple(tree_cost(equation, shapes, pairs)
+                 for pairs in DECLARED_TREES.get(equation, ()))
 
 
 @lru_cache(maxsize=None)

@@ -14,10 +14,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-import opt_einsum
-
 from . import program
-from .sweep import linear_path, tree_steps
 
 Pairs = tuple[tuple[int, int], ...]
 
@@ -39,19 +36,12 @@ def random_tree(terms: list[str], rng: random.Random) -> Pairs:
     return tuple(pairs)
 
 
-def tree_cost(equation: str, shapes, pairs: Pairs) -> tuple[int, tuple]:
-    """(opt_einsum's flop count, the program's steps) of the tree ``pairs``."""
-    path = linear_path(pairs, equation.count(",") + 1)
-    _, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path)
-    return int(info.opt_cost), tree_steps(equation, path)
-
-
 def calls_of(equation: str, shapes, pairs: Pairs, slack: float | None = None) -> int | None:
     """The fewest operator calls of a program on the tree ``pairs`` (either way of reading
     dL/dT), or None when the tree exceeds the flop slack of opt_einsum's cheapest."""
     slack = program.FLOP_SLACK if slack is None else slack
     cheapest = min(c for c, _ in program.opt_einsum_trees(equation, tuple(shapes)))
-    cost, steps = tree_cost(equation, shapes, pairs)
+    cost, steps = program.tree_cost(equation, shapes, pairs)
     if cost > slack * cheapest:
         return None
     return min(program.calls(program.compile_program(equation, shapes, steps, as_weight))
@@ -73,7 +63,7 @@ def search(equation: str, shapes_list, trials: int = 2000, keep: int = 3,
         seen_steps = set()
         for _ in range(trials // samples):
             pairs = random_tree(terms, rng)
-            steps = tree_cost(equation, shapes, pairs)[1]
+            steps = program.tree_cost(equation, shapes, pairs)[1]
             if steps in seen_steps:
                 continue
             seen_steps.add(steps)
